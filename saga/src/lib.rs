@@ -1,0 +1,3 @@
+//! Work in progress.
+#![deny(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]

@@ -1,0 +1,31 @@
+//! # Eventful
+//!
+//! Data-consistency building blocks for services that talk over Kafka, one crate per
+//! problem, re-exported here behind cargo features:
+//!
+//! | feature | crate | solves |
+//! |---|---|---|
+//! | `outbox` | [`eventful-outbox`](outbox) | dual writes: events committed with the data, relayed to Kafka |
+//! | `idempotency` | [`eventful-idempotency`](idempotency) | duplicate delivery: each event takes effect once |
+//! | `reservation` | [`eventful-reservation`](reservation) | overselling: atomic Redis-Lua stock holds |
+//! | `saga` | [`eventful-saga`](saga) | flows across services: steps with compensations |
+//!
+//! `kafka` turns on the Kafka backends, `axum` the HTTP `Idempotency-Key` layer, `full` everything.
+//!
+//! ```toml
+//! eventful = { version = "0.1", features = ["outbox", "kafka"] }
+//! ```
+#![deny(missing_docs)]
+
+#[cfg(feature = "idempotency")]
+#[doc(inline)]
+pub use eventful_idempotency as idempotency;
+#[cfg(feature = "outbox")]
+#[doc(inline)]
+pub use eventful_outbox as outbox;
+#[cfg(feature = "reservation")]
+#[doc(inline)]
+pub use eventful_reservation as reservation;
+#[cfg(feature = "saga")]
+#[doc(inline)]
+pub use eventful_saga as saga;
