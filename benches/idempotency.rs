@@ -1,0 +1,2 @@
+//! Placeholder until the idempotency benchmark lands.
+fn main() {}

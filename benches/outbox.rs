@@ -1,0 +1,2 @@
+//! Placeholder until the outbox benchmark lands.
+fn main() {}

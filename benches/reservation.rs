@@ -1,0 +1,2 @@
+//! Placeholder until the reservation benchmark lands.
+fn main() {}

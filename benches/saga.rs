@@ -1,0 +1,2 @@
+//! Placeholder until the saga benchmark lands.
+fn main() {}
