@@ -150,7 +150,7 @@ async fn consumer_group_resumes_from_a_committed_offset_inside_a_batch() {
 }
 
 #[tokio::test]
-async fn consumer_group_resumes_across_a_broker_restart() {
+async fn serial_consumer_group_resumes_across_a_broker_restart() {
     let mut broker = TansuBroker::start().await;
     let brokers = broker.brokers();
     assert_resume_reads_exactly_the_rest(&brokers, Some(&mut broker)).await;
