@@ -18,10 +18,24 @@ pub fn brokers() -> String {
     env_or("KAFKA_BROKERS", DEFAULT_BROKERS)
 }
 
-/// Fails the test unless the broker at `brokers` answers a metadata request within 10 s.
+/// Fails the test unless the broker at `brokers` answers a metadata request within 30 s
+/// (a loaded 2-core machine can make one request slow, so it retries until the deadline).
 pub async fn require_broker(brokers: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match fetch_any_metadata(brokers).await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("the Kafka-protocol broker is not reachable at {brokers}: {e}; {START_HINT}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn fetch_any_metadata(brokers: &str) -> Result<(), String> {
     let owned = brokers.to_owned();
-    let result = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &owned)
             .create()
@@ -32,10 +46,7 @@ pub async fn require_broker(brokers: &str) {
             .map_err(|e| e.to_string())
     })
     .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    if let Err(e) = result {
-        panic!("the Kafka-protocol broker is not reachable at {brokers}: {e}; {START_HINT}");
-    }
+    .unwrap_or_else(|e| Err(e.to_string()))
 }
 
 /// Creates a topic with a unique name (`test-<uuid>`) and `partitions` partitions on the

@@ -1,0 +1,93 @@
+//! Settings, all from the environment with defaults that work against `scripts/services up`.
+
+use std::time::Duration;
+
+/// Everything the four services and the load tool read from the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Administrative PostgreSQL URL; each service creates and uses its own database on it.
+    pub database_url: String,
+    /// Redis holding the stock.
+    pub redis_url: String,
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+    /// The topic every event flows through (`order-events`).
+    pub topic: String,
+    /// Partitions `topic` is created with.
+    pub topic_partitions: i32,
+    /// Prefix of the service database names (tests isolate runs with it).
+    pub database_prefix: String,
+    /// Prefix of consumer group ids.
+    pub group_prefix: String,
+    /// Inventory namespace in Redis (one hash tag: one Redis Cluster slot).
+    pub inventory: String,
+    /// Listen addresses.
+    pub order_addr: String,
+    /// Listen address of payment.
+    pub payment_addr: String,
+    /// Listen address of shipping.
+    pub shipping_addr: String,
+    /// Listen address of notification.
+    pub notification_addr: String,
+    /// How long an unpaid order holds its stock.
+    pub reservation_ttl: Duration,
+    /// How often the order service looks for expired reservations.
+    pub expiry_interval: Duration,
+    /// Payments above this amount (minor units) are declined: the documented, deterministic rule.
+    pub payment_limit: i64,
+}
+
+impl Settings {
+    /// Reads the settings; unset variables take the defaults in the README.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            database_url: var(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
+            kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:9092"),
+            topic: var("COMMERCE_TOPIC", "order-events"),
+            topic_partitions: parse("COMMERCE_TOPIC_PARTITIONS", 4)?,
+            database_prefix: var("COMMERCE_DATABASE_PREFIX", ""),
+            group_prefix: var("COMMERCE_GROUP_PREFIX", "commerce"),
+            inventory: var("COMMERCE_INVENTORY", "commerce"),
+            order_addr: var("ORDER_ADDR", "127.0.0.1:8081"),
+            payment_addr: var("PAYMENT_ADDR", "127.0.0.1:8082"),
+            shipping_addr: var("SHIPPING_ADDR", "127.0.0.1:8083"),
+            notification_addr: var("NOTIFICATION_ADDR", "127.0.0.1:8084"),
+            reservation_ttl: Duration::from_millis(parse("ORDER_RESERVATION_TTL_MS", 600_000)?),
+            expiry_interval: Duration::from_millis(parse("ORDER_EXPIRY_INTERVAL_MS", 1_000)?),
+            payment_limit: parse("PAYMENT_LIMIT", 100_000)?,
+        })
+    }
+
+    /// The database name of `service`, e.g. `order_service`.
+    pub fn database_name(&self, service: &str) -> String {
+        format!("{}{service}_service", self.database_prefix)
+    }
+
+    /// The consumer group of `service`.
+    pub fn group(&self, service: &str) -> String {
+        format!("{}-{service}", self.group_prefix)
+    }
+}
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn parse<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(value) if !value.is_empty() => value
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{name}={value:?}: {e}")),
+        _ => Ok(default),
+    }
+}

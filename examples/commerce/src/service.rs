@@ -1,0 +1,137 @@
+//! What every service's start-up shares: its database, outbox, relay and inbox consumer.
+//!
+//! The services contain no consume/dedupe/commit or publish loop of their own: the outbox
+//! relay and the inbox consumer come from the Eventful crates, wired here once.
+
+use anyhow::Context;
+use eventful_idempotency::{ConsumerOptions, DeadLetter, InboxConsumer, InboxConsumerBuilder};
+use eventful_outbox::{KafkaPublisher, Outbox, Relay};
+use sqlx::migrate::Migrator;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::infra;
+
+/// A started service's shared pieces.
+#[derive(Clone)]
+pub struct ServiceBase {
+    /// `order`, `payment`, `shipping` or `notification`.
+    pub name: &'static str,
+    /// Settings of the whole system.
+    pub settings: Settings,
+    /// The service's own database.
+    pub pool: PgPool,
+    /// The service's outbox (in its own database).
+    pub outbox: Outbox,
+}
+
+impl ServiceBase {
+    /// Creates and migrates the service's database (its tables, the outbox, the
+    /// processed-event guard and dead letters) and makes sure the topic exists.
+    pub async fn prepare(
+        name: &'static str,
+        settings: &Settings,
+        migrator: &Migrator,
+    ) -> anyhow::Result<Self> {
+        let pool = infra::service_database(settings, name).await?;
+        migrator
+            .run(&pool)
+            .await
+            .with_context(|| format!("migrating {name}"))?;
+        let outbox = Outbox::new();
+        outbox.migrate(&pool).await.context("outbox migration")?;
+        eventful_idempotency::migrate(&pool)
+            .await
+            .context("idempotency migration")?;
+        infra::ensure_topic(settings).await?;
+        Ok(Self {
+            name,
+            settings: settings.clone(),
+            pool,
+            outbox,
+        })
+    }
+
+    /// Starts the outbox relay that publishes this service's events to Kafka.
+    pub fn spawn_relay(
+        &self,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let publisher =
+            KafkaPublisher::new(&self.settings.kafka_brokers).context("Kafka publisher")?;
+        let relay = Relay::builder(self.pool.clone(), self.outbox.clone(), publisher)
+            .build()
+            .context("outbox relay")?;
+        let cancel = cancel.clone();
+        let name = self.name;
+        tasks.spawn(async move {
+            relay
+                .run(cancel)
+                .await
+                .with_context(|| format!("{name}: outbox relay"))
+        });
+        Ok(())
+    }
+
+    /// An inbox consumer on the event topic, in this service's group; malformed events and
+    /// permanent handler failures go to the `eventful_dead_letters` table.
+    pub fn consumer(&self) -> InboxConsumerBuilder {
+        let options = ConsumerOptions::new(
+            &self.settings.kafka_brokers,
+            self.settings.group(self.name),
+            self.name,
+        )
+        // A SIGKILLed member never leaves the group: short session and rebalance timeouts
+        // let its restarted successor (or a peer) take the partitions over within seconds.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "20000");
+        InboxConsumer::builder(options, self.pool.clone())
+            .topic(&self.settings.topic)
+            .dead_letter(DeadLetter::Table)
+    }
+
+    /// Starts `consumer` as one of the service's tasks.
+    pub fn spawn_consumer(
+        &self,
+        consumer: InboxConsumerBuilder,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let consumer = consumer.build().context("inbox consumer")?;
+        let cancel = cancel.clone();
+        let name = self.name;
+        tasks.spawn(async move {
+            consumer
+                .run(cancel)
+                .await
+                .with_context(|| format!("{name}: inbox consumer"))
+        });
+        Ok(())
+    }
+
+    /// Serves `routes` (plus `/health` and the common layers) on `addr`.
+    pub async fn spawn_http(
+        &self,
+        addr: &str,
+        routes: axum::Router,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{}: binding {addr}", self.name))?;
+        tracing::info!(service = self.name, %addr, "listening");
+        let app = crate::http::with_common_layers(routes);
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            crate::http::serve(listener, app, cancel)
+                .await
+                .context("HTTP server")
+        });
+        Ok(())
+    }
+}
