@@ -15,6 +15,7 @@ pub mod config;
 pub mod events;
 pub mod http;
 pub mod infra;
+pub mod load;
 pub mod notification;
 pub mod order;
 pub mod payment;
