@@ -1,0 +1,94 @@
+//! The crate's error type.
+
+use uuid::Uuid;
+
+/// Everything that can go wrong in `eventful-saga`.
+///
+/// [`Error::is_retryable`] separates failures worth retrying (lost connection, a concurrent
+/// update of the same saga, a serialization failure) from permanent ones (an unknown saga
+/// type, data that does not fit the definition, a malformed reply).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A PostgreSQL error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The embedded schema could not be applied.
+    #[error("migration failed: {0}")]
+    Migration(#[source] sqlx::Error),
+    /// Recording a command in the outbox failed.
+    #[error("outbox: {0}")]
+    Outbox(#[from] eventful_outbox::Error),
+    /// The idempotency guard failed.
+    #[error("idempotency guard: {0}")]
+    Idempotency(#[from] eventful_idempotency::Error),
+    /// Another transaction advanced the same saga first (the version check failed).
+    /// Roll back and handle the reply again: it will then be seen as late or duplicate.
+    #[error("saga {saga_id} was updated concurrently (expected version {expected})")]
+    Conflict {
+        /// The saga.
+        saga_id: Uuid,
+        /// The version this transaction read.
+        expected: i64,
+    },
+    /// No definition with this name is registered with the coordinator.
+    #[error("unknown saga type {0:?}")]
+    UnknownSagaType(String),
+    /// A saga with this id already exists (see [`Coordinator::start_with_id`](crate::Coordinator::start_with_id)).
+    #[error("saga {0} already exists")]
+    AlreadyExists(Uuid),
+    /// No saga with this id exists.
+    #[error("saga {0} not found")]
+    NotFound(Uuid),
+    /// The saga data does not (de)serialize as the definition's data type.
+    #[error("saga data: {0}")]
+    Data(#[source] serde_json::Error),
+    /// The definition is unusable (no steps, empty name, duplicate registration).
+    #[error("invalid saga definition: {0}")]
+    InvalidDefinition(String),
+    /// A command or reply lacks correlation or does not decode.
+    #[error("malformed saga message: {0}")]
+    MalformedMessage(String),
+    /// A stored value is not what this version of the crate wrote.
+    #[error("corrupt saga row: {0}")]
+    Corrupt(String),
+}
+
+impl Error {
+    /// `true` when retrying the same operation (in a new transaction) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Database(e) | Error::Migration(e) => sqlx_is_retryable(e),
+            Error::Outbox(e) => e.is_retryable(),
+            Error::Idempotency(e) => e.is_retryable(),
+            Error::Conflict { .. } => true,
+            Error::UnknownSagaType(_)
+            | Error::AlreadyExists(_)
+            | Error::NotFound(_)
+            | Error::Data(_)
+            | Error::InvalidDefinition(_)
+            | Error::MalformedMessage(_)
+            | Error::Corrupt(_) => false,
+        }
+    }
+}
+
+/// Data and integrity errors (SQLSTATE classes 22, 23, 42) and decode errors are
+/// permanent; connection loss, serialization failures and deadlocks are retryable.
+fn sqlx_is_retryable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            !(code.starts_with("22") || code.starts_with("23") || code.starts_with("42"))
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::Configuration(_)
+        | sqlx::Error::RowNotFound => false,
+        _ => true,
+    }
+}

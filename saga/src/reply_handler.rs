@@ -1,0 +1,60 @@
+//! Drives the coordinator from the consumer runtime: replies arriving on a topic.
+
+use async_trait::async_trait;
+use eventful_idempotency::{EventHandler, EventMeta, HandlerError};
+use sqlx::PgConnection;
+
+use crate::reply::SagaReply;
+use crate::{Coordinator, Error};
+
+/// How many times a reply that lost a version race is re-applied in the same transaction
+/// before the runtime is asked to retry it.
+const CONFLICT_RETRIES: usize = 5;
+
+/// An [`EventHandler`] that feeds reply events to [`Coordinator::handle_reply`]. Register it
+/// for [`REPLY_EVENT_TYPE`](crate::REPLY_EVENT_TYPE) on a consumer of the reply topic:
+/// `.handler(eventful_saga::REPLY_EVENT_TYPE, coordinator.reply_handler())`.
+///
+/// The reply's identity is the message's `event-id`. A reply that loses a race for its
+/// saga ([`Error::Conflict`]) is re-applied (it then sees the winner's state); malformed
+/// replies and unknown saga types are permanent failures (dead-lettered by the runtime).
+#[derive(Debug, Clone)]
+pub struct ReplyHandler {
+    coordinator: Coordinator,
+}
+
+impl Coordinator {
+    /// The consumer-runtime adapter that applies replies (see [`ReplyHandler`]).
+    pub fn reply_handler(&self) -> ReplyHandler {
+        ReplyHandler {
+            coordinator: self.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl EventHandler for ReplyHandler {
+    type Payload = serde_json::Value;
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &EventMeta,
+        payload: serde_json::Value,
+    ) -> Result<(), HandlerError> {
+        let reply: SagaReply = serde_json::from_value(payload)
+            .map_err(|e| HandlerError::permanent(Error::MalformedMessage(e.to_string())))?;
+        let reply = reply.with_event_id(event.id);
+        let mut attempt = 0;
+        loop {
+            // handle_reply works in a savepoint: a lost race rolls back only its own writes,
+            // and the next attempt reads the winner's committed state.
+            match self.coordinator.handle_reply(tx, &reply).await {
+                Ok(_) => return Ok(()),
+                Err(Error::Conflict { .. }) if attempt < CONFLICT_RETRIES => attempt += 1,
+                Err(e) if e.is_retryable() => return Err(HandlerError::transient(e)),
+                Err(e) => return Err(HandlerError::permanent(e)),
+            }
+        }
+    }
+}

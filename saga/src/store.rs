@@ -1,0 +1,258 @@
+//! PostgreSQL storage of saga instances and their history.
+//!
+//! Every write runs on the caller's connection (inside its transaction), so a transition,
+//! its history row and the command it records in the outbox commit or roll back together.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool, Row as _};
+use uuid::Uuid;
+
+use crate::machine::State;
+use crate::model::{HistoryEntry, SagaInstance, SagaStatus, Transition};
+use crate::Error;
+
+/// An instance as the coordinator reads it before a transition.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub(crate) id: Uuid,
+    pub(crate) saga_type: String,
+    pub(crate) state: State,
+    pub(crate) data: serde_json::Value,
+    pub(crate) version: i64,
+    /// The deadline had passed when the row was read (database clock).
+    pub(crate) expired: bool,
+}
+
+fn millis(d: Option<Duration>) -> Option<i64> {
+    d.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn status(s: &str) -> Result<SagaStatus, Error> {
+    s.parse().map_err(Error::Corrupt)
+}
+
+fn step(i: i32) -> Result<usize, Error> {
+    usize::try_from(i).map_err(|_| Error::Corrupt(format!("negative step {i}")))
+}
+
+fn to_i32(i: usize) -> i32 {
+    i32::try_from(i).unwrap_or(i32::MAX)
+}
+
+fn loaded(row: &sqlx::postgres::PgRow) -> Result<Loaded, Error> {
+    Ok(Loaded {
+        id: row.try_get("id")?,
+        saga_type: row.try_get("saga_type")?,
+        state: State {
+            status: status(row.try_get::<&str, _>("status")?)?,
+            step: step(row.try_get("current_step")?)?,
+            attempts: row.try_get("attempts")?,
+        },
+        data: row.try_get("data")?,
+        version: row.try_get("version")?,
+        expired: row.try_get("expired")?,
+    })
+}
+
+const COLUMNS: &str = "id, saga_type, status, current_step, data, version, attempts, \
+     (step_deadline IS NOT NULL AND step_deadline <= clock_timestamp()) AS expired";
+
+/// Inserts a new instance and its first history row in one statement; `false` (nothing
+/// written) when the id exists already.
+pub(crate) async fn insert(
+    conn: &mut PgConnection,
+    saga_type: &str,
+    state: State,
+    data: &serde_json::Value,
+    deadline: Option<Duration>,
+    h: NewHistory<'_>,
+) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "WITH created AS ( \
+             INSERT INTO eventful_saga_instances \
+                 (id, saga_type, status, current_step, data, version, attempts, step_deadline) \
+             VALUES ($1, $2, $3, $4, $5, 0, $6, \
+                     clock_timestamp() + $7::bigint * interval '1 millisecond') \
+             ON CONFLICT (id) DO NOTHING \
+             RETURNING id) \
+         INSERT INTO eventful_saga_history \
+             (saga_id, transition, step, from_status, to_status, caused_by, emitted_event_id, reason) \
+         SELECT id, $8, $9, $10, $11, $12, $13, $14 FROM created",
+    )
+    .bind(h.saga_id)
+    .bind(saga_type)
+    .bind(state.status.as_str())
+    .bind(to_i32(state.step))
+    .bind(data)
+    .bind(state.attempts)
+    .bind(millis(deadline))
+    .bind(h.transition.as_str())
+    .bind(to_i32(h.step))
+    .bind(h.from.map(SagaStatus::as_str))
+    .bind(h.to.as_str())
+    .bind(h.caused_by)
+    .bind(h.emitted)
+    .bind(h.reason)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Reads one instance without locking it (optimistic concurrency: writers check `version`).
+pub(crate) async fn load(conn: &mut PgConnection, id: Uuid) -> Result<Option<Loaded>, Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM eventful_saga_instances WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(loaded).transpose()
+}
+
+/// Applies a transition and appends its history row in one statement, if nobody else
+/// moved the instance since `expected_version` was read; `false` when the version check
+/// failed (nothing written).
+pub(crate) async fn transition(
+    conn: &mut PgConnection,
+    expected_version: i64,
+    to: State,
+    data: Option<&serde_json::Value>,
+    deadline: Option<Duration>,
+    h: NewHistory<'_>,
+) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "WITH moved AS ( \
+             UPDATE eventful_saga_instances SET \
+                 status = $3, current_step = $4, attempts = $5, \
+                 data = COALESCE($6, data), \
+                 step_deadline = clock_timestamp() + $7::bigint * interval '1 millisecond', \
+                 version = version + 1, updated_at = clock_timestamp() \
+             WHERE id = $1 AND version = $2 \
+             RETURNING id) \
+         INSERT INTO eventful_saga_history \
+             (saga_id, transition, step, from_status, to_status, caused_by, emitted_event_id, reason) \
+         SELECT id, $8, $9, $10, $11, $12, $13, $14 FROM moved",
+    )
+    .bind(h.saga_id)
+    .bind(expected_version)
+    .bind(to.status.as_str())
+    .bind(to_i32(to.step))
+    .bind(to.attempts)
+    .bind(data)
+    .bind(millis(deadline))
+    .bind(h.transition.as_str())
+    .bind(to_i32(h.step))
+    .bind(h.from.map(SagaStatus::as_str))
+    .bind(h.to.as_str())
+    .bind(h.caused_by)
+    .bind(h.emitted)
+    .bind(h.reason)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// One history row.
+pub(crate) struct NewHistory<'a> {
+    pub(crate) saga_id: Uuid,
+    pub(crate) transition: Transition,
+    pub(crate) step: usize,
+    pub(crate) from: Option<SagaStatus>,
+    pub(crate) to: SagaStatus,
+    pub(crate) caused_by: Option<Uuid>,
+    pub(crate) emitted: Option<Uuid>,
+    pub(crate) reason: Option<&'a str>,
+}
+
+/// Locks up to `limit` in-flight instances of `types` whose deadline has passed, oldest
+/// deadline first, skipping rows other transactions hold.
+pub(crate) async fn lock_due(
+    conn: &mut PgConnection,
+    types: &[String],
+    limit: i64,
+) -> Result<Vec<Loaded>, Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM eventful_saga_instances \
+         WHERE status IN ('running', 'compensating') \
+           AND step_deadline <= clock_timestamp() \
+           AND saga_type = ANY($1) \
+         ORDER BY step_deadline \
+         LIMIT $2 \
+         FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(types)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(loaded).collect()
+}
+
+/// Pushes a deadline back (used when a due instance cannot be processed).
+pub(crate) async fn postpone(conn: &mut PgConnection, id: Uuid, by: Duration) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE eventful_saga_instances \
+         SET step_deadline = clock_timestamp() + $2::bigint * interval '1 millisecond' \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(millis(Some(by)))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The instance and its history.
+pub(crate) async fn inspect(pool: &PgPool, id: Uuid) -> Result<Option<SagaInstance>, Error> {
+    let Some(row) = sqlx::query(
+        "SELECT id, saga_type, status, current_step, data, version, step_deadline, attempts, \
+                created_at, updated_at \
+         FROM eventful_saga_instances WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let history = sqlx::query(
+        "SELECT transition, step, from_status, to_status, caused_by, emitted_event_id, reason, at \
+         FROM eventful_saga_history WHERE saga_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|h| {
+        Ok(HistoryEntry {
+            transition: h
+                .try_get::<&str, _>("transition")?
+                .parse()
+                .map_err(Error::Corrupt)?,
+            step: step(h.try_get("step")?)?,
+            from_status: h
+                .try_get::<Option<&str>, _>("from_status")?
+                .map(status)
+                .transpose()?,
+            to_status: status(h.try_get("to_status")?)?,
+            caused_by: h.try_get("caused_by")?,
+            emitted_event_id: h.try_get("emitted_event_id")?,
+            reason: h.try_get("reason")?,
+            at: h.try_get("at")?,
+        })
+    })
+    .collect::<Result<Vec<_>, Error>>()?;
+    Ok(Some(SagaInstance {
+        id: row.try_get("id")?,
+        saga_type: row.try_get("saga_type")?,
+        status: status(row.try_get("status")?)?,
+        current_step: step(row.try_get("current_step")?)?,
+        data: row.try_get("data")?,
+        version: row.try_get("version")?,
+        step_deadline: row.try_get("step_deadline")?,
+        attempts: row.try_get("attempts")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        history,
+    }))
+}
