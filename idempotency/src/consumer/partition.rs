@@ -1,0 +1,222 @@
+//! One partition's worker: processes its messages in order, one transaction each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::{Delivery, Failure, Outcome, Settings, UnknownEventType};
+use crate::{EventMeta, HandlerError, Processed};
+
+/// A consumed message, detached from the client.
+#[derive(Debug, Clone)]
+pub(crate) struct RawMessage {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Stores the offset after a message (implemented by the runtime over the Kafka client).
+pub(crate) trait OffsetStore: Send + Sync + 'static {
+    fn store(&self, topic: &str, partition: i32, next_offset: i64);
+}
+
+/// Runs one partition until its channel closes or `stop` fires (after the in-flight message).
+///
+/// `previous` are completion signals of earlier workers of the same partition (a revoked and
+/// reassigned partition): this worker starts after they ended, so offsets never go backwards.
+pub(crate) async fn run_partition(
+    settings: Arc<Settings>,
+    offsets: Arc<dyn OffsetStore>,
+    mut messages: mpsc::Receiver<RawMessage>,
+    stop: CancellationToken,
+    previous: Vec<oneshot::Receiver<()>>,
+    _done: oneshot::Sender<()>,
+) {
+    for earlier in previous {
+        let _ = earlier.await;
+    }
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            message = messages.recv() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        let span = tracing::info_span!(
+            "inbox.message",
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+        );
+        let Some(delivery) = process(&settings, &message, &stop).instrument(span).await else {
+            // Interrupted by shutdown/revocation while waiting to retry: the offset is not
+            // stored, the message will be redelivered.
+            return;
+        };
+        if let Some(hook) = &settings.on_delivery {
+            hook(delivery).await;
+        }
+        offsets.store(&message.topic, message.partition, message.offset + 1);
+    }
+}
+
+enum Attempt {
+    Done(Option<EventMeta>, Outcome),
+    Transient(Option<EventMeta>, String),
+    Permanent(Option<EventMeta>, String),
+}
+
+/// Processes one message to completion (applied, duplicate, skipped or dead-lettered),
+/// retrying transient failures; `None` when `stop` fired during a backoff.
+async fn process(
+    settings: &Settings,
+    message: &RawMessage,
+    stop: &CancellationToken,
+) -> Option<Delivery> {
+    let mut attempts = 0u32;
+    let mut backoff = settings.backoff_initial;
+    loop {
+        attempts += 1;
+        let (meta, outcome) = match attempt(settings, message).await {
+            Attempt::Done(meta, outcome) => (meta, outcome),
+            Attempt::Permanent(meta, error) => {
+                let error = dead_letter(settings, message, meta.as_ref(), error, stop).await?;
+                (meta, Outcome::DeadLettered { error })
+            }
+            Attempt::Transient(meta, error) => {
+                if settings.max_attempts.is_some_and(|max| attempts >= max) {
+                    let error = format!("gave up after {attempts} attempts: {error}");
+                    let error = dead_letter(settings, message, meta.as_ref(), error, stop).await?;
+                    (meta, Outcome::DeadLettered { error })
+                } else {
+                    tracing::warn!(attempts, error = %error, ?backoff, "transient failure, retrying");
+                    sleep_or_stop(jitter(backoff), stop).await?;
+                    backoff = (backoff * 2).min(settings.backoff_max);
+                    continue;
+                }
+            }
+        };
+        return Some(Delivery {
+            topic: message.topic.clone(),
+            partition: message.partition,
+            offset: message.offset,
+            event_id: meta.as_ref().map(|m| m.id),
+            event_type: meta.map(|m| m.event_type),
+            attempts,
+            outcome,
+        });
+    }
+}
+
+/// One try: envelope, transaction, guard, handler, commit.
+async fn attempt(settings: &Settings, message: &RawMessage) -> Attempt {
+    let meta = match EventMeta::parse(
+        &message.topic,
+        message.partition,
+        message.offset,
+        message.key.as_deref(),
+        message.headers.clone(),
+        message.payload.as_deref(),
+    ) {
+        Ok(meta) => meta,
+        Err(e) => return Attempt::Permanent(None, format!("invalid envelope: {e}")),
+    };
+    let Some(handler) = settings.handlers.get(&meta.event_type) else {
+        return match settings.unknown {
+            UnknownEventType::DeadLetter => {
+                let error = format!("no handler for event type `{}`", meta.event_type);
+                Attempt::Permanent(Some(meta), error)
+            }
+            _ => Attempt::Done(Some(meta), Outcome::Skipped),
+        };
+    };
+    let mut tx = match settings.pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return Attempt::Transient(Some(meta), format!("begin: {e}")),
+    };
+    // Guard failures are infrastructure failures (connection, missing table): retried, never
+    // dead-lettered.
+    match settings.guard.check_and_record(&mut tx, meta.id).await {
+        Ok(Processed::First) => {}
+        Ok(Processed::Duplicate) => {
+            let _ = tx.rollback().await;
+            tracing::debug!(event_id = %meta.id, "duplicate");
+            return Attempt::Done(Some(meta), Outcome::Duplicate);
+        }
+        Err(e) => return Attempt::Transient(Some(meta), format!("guard: {e}")),
+    }
+    match handler.handle(&mut tx, &meta).await {
+        Ok(()) => {}
+        Err(failure) => {
+            let _ = tx.rollback().await;
+            return match failure {
+                Failure::Decode(e) => Attempt::Permanent(Some(meta), e.to_string()),
+                Failure::Handler(HandlerError::Transient(e)) => {
+                    Attempt::Transient(Some(meta), e.to_string())
+                }
+                Failure::Handler(e) => Attempt::Permanent(Some(meta), e.to_string()),
+            };
+        }
+    }
+    // A commit whose outcome is unknown is retried: if it did commit, the guard answers
+    // Duplicate on the retry.
+    match tx.commit().await {
+        Ok(()) => Attempt::Done(Some(meta), Outcome::Applied),
+        Err(e) => Attempt::Transient(Some(meta), format!("commit: {e}")),
+    }
+}
+
+/// Writes the message to the dead-letter destination, retrying until it succeeds or `stop`
+/// fires; returns the error text recorded.
+async fn dead_letter(
+    settings: &Settings,
+    message: &RawMessage,
+    meta: Option<&EventMeta>,
+    error: String,
+    stop: &CancellationToken,
+) -> Option<String> {
+    tracing::warn!(error = %error, "dead-lettering message");
+    let mut backoff = settings.backoff_initial;
+    loop {
+        match settings
+            .dead_letter
+            .write(
+                &settings.pool,
+                settings.guard.consumer(),
+                message,
+                meta,
+                &error,
+            )
+            .await
+        {
+            Ok(()) => return Some(error),
+            Err(e) => {
+                tracing::error!(error = %e, "writing the dead letter failed, retrying");
+                sleep_or_stop(jitter(backoff), stop).await?;
+                backoff = (backoff * 2).min(settings.backoff_max);
+            }
+        }
+    }
+}
+
+async fn sleep_or_stop(delay: Duration, stop: &CancellationToken) -> Option<()> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        _ = tokio::time::sleep(delay) => Some(()),
+    }
+}
+
+/// `delay` ± 20 %.
+fn jitter(delay: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.8..1.2);
+    delay.mul_f64(factor)
+}

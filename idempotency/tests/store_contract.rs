@@ -1,0 +1,202 @@
+//! The guard storage contract, run against PostgreSQL and the in-memory twin.
+
+use eventful_idempotency::{contract, InMemoryStore, PostgresStore, Processed, ProcessedEvents};
+use eventful_test_support::TestDatabase;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn in_memory_store_passes_the_contract() {
+    contract::run_all(|| async { InMemoryStore::new() }).await;
+}
+
+#[tokio::test]
+async fn postgres_store_passes_the_contract() {
+    let db = TestDatabase::create_with_pool_size(20).await;
+    eventful_idempotency::migrate(&db.pool).await.unwrap();
+    let pool = db.pool.clone();
+    contract::run_all(move || {
+        let pool = pool.clone();
+        async move { PostgresStore::new(pool) }
+    })
+    .await;
+}
+
+/// The guard used directly on two connections of two pools: exactly one `First` per id,
+/// many times over, and the effect row written with it exists exactly once.
+#[tokio::test]
+async fn guard_racing_on_two_connections_yields_one_first() {
+    let db = TestDatabase::create().await;
+    let guard = ProcessedEvents::new("racers");
+    guard.migrate(&db.pool).await.unwrap();
+    // Migrating twice (and concurrently) is harmless.
+    let (a, b) = tokio::join!(guard.migrate(&db.pool), guard.migrate(&db.pool));
+    a.unwrap();
+    b.unwrap();
+    sqlx::query("CREATE TABLE effects (event_id uuid NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let other_pool = db.new_pool(2).await;
+    let mut firsts = 0;
+    for _ in 0..100 {
+        let id = Uuid::now_v7();
+        let run = |pool: sqlx::PgPool, guard: ProcessedEvents| async move {
+            let mut tx = pool.begin().await.unwrap();
+            let seen = guard.check_and_record(&mut tx, id).await.unwrap();
+            if seen.is_first() {
+                sqlx::query("INSERT INTO effects VALUES ($1)")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+            seen
+        };
+        let (x, y) = tokio::join!(
+            run(db.pool.clone(), guard.clone()),
+            run(other_pool.clone(), guard.clone())
+        );
+        assert!(
+            matches!(
+                (x, y),
+                (Processed::First, Processed::Duplicate) | (Processed::Duplicate, Processed::First)
+            ),
+            "exactly one First, got {x:?} and {y:?}"
+        );
+        firsts += 1;
+    }
+    let (effects, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT event_id) FROM effects")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((effects, distinct), (firsts, firsts));
+}
+
+/// A duplicate can answer with the result the first delivery stored.
+#[tokio::test]
+async fn duplicate_reads_the_stored_result() {
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Receipt {
+        invoice: u32,
+    }
+    let db = TestDatabase::create().await;
+    let guard = ProcessedEvents::new("billing");
+    guard.migrate(&db.pool).await.unwrap();
+    let id = Uuid::now_v7();
+    let mut tx = db.pool.begin().await.unwrap();
+    assert!(guard
+        .check_and_record(&mut tx, id)
+        .await
+        .unwrap()
+        .is_first());
+    guard
+        .save_result(&mut tx, id, &Receipt { invoice: 7 })
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        guard.check_and_record(&mut tx, id).await.unwrap(),
+        Processed::Duplicate
+    );
+    let stored: Option<Receipt> = guard.stored_result(&mut tx, id).await.unwrap();
+    assert_eq!(stored, Some(Receipt { invoice: 7 }));
+    // Another consumer has its own records.
+    let other = ProcessedEvents::new("shipping");
+    assert!(other
+        .check_and_record(&mut tx, id)
+        .await
+        .unwrap()
+        .is_first());
+    assert_eq!(
+        other.stored_result::<Receipt>(&mut tx, id).await.unwrap(),
+        None
+    );
+}
+
+/// `spawn_retention` purges old records in the background and stops on cancel.
+#[tokio::test]
+async fn retention_task_purges_and_stops() {
+    let db = TestDatabase::create().await;
+    let guard = ProcessedEvents::new("retained");
+    guard.migrate(&db.pool).await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    for _ in 0..30 {
+        guard
+            .check_and_record(&mut tx, Uuid::now_v7())
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = guard.spawn_retention(
+        db.pool.clone(),
+        std::time::Duration::ZERO,
+        std::time::Duration::from_millis(10),
+        7,
+        cancel.clone(),
+    );
+    let pool = db.pool.clone();
+    eventful_test_support::wait_until(
+        "the records are purged",
+        std::time::Duration::from_secs(10),
+        || {
+            let pool = pool.clone();
+            async move {
+                let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM eventful_processed_events")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                n == 0
+            }
+        },
+    )
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+/// Under REPEATABLE READ the racing transaction is aborted with a serialization failure
+/// instead of seeing `Duplicate`; the error is classified as retryable (a retry in a new
+/// transaction then sees `Duplicate`).
+#[tokio::test]
+async fn repeatable_read_race_is_a_retryable_error() {
+    let db = TestDatabase::create().await;
+    let guard = ProcessedEvents::new("rr");
+    guard.migrate(&db.pool).await.unwrap();
+    let id = Uuid::now_v7();
+    let mut first = db.pool.begin().await.unwrap();
+    let mut second = db.pool.begin().await.unwrap();
+    for tx in [&mut first, &mut second] {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut **tx)
+            .await
+            .unwrap();
+        // Take the snapshot now.
+        sqlx::query("SELECT 1").execute(&mut **tx).await.unwrap();
+    }
+    assert!(guard
+        .check_and_record(&mut first, id)
+        .await
+        .unwrap()
+        .is_first());
+    let racer = {
+        let guard = guard.clone();
+        tokio::spawn(async move {
+            let result = guard.check_and_record(&mut second, id).await;
+            drop(second);
+            result
+        })
+    };
+    first.commit().await.unwrap();
+    let error = racer.await.unwrap().unwrap_err();
+    assert!(error.is_retryable(), "{error}");
+    let mut retry = db.pool.begin().await.unwrap();
+    assert_eq!(
+        guard.check_and_record(&mut retry, id).await.unwrap(),
+        Processed::Duplicate
+    );
+}
