@@ -1,2 +1,493 @@
-//! Placeholder until the reservation benchmark lands.
-fn main() {}
+//! Reservation throughput: `eventful-reservation` on Redis against its ceiling
+//! (`redis-benchmark` calling the same Lua script by `EVALSHA`) and against the
+//! PostgreSQL alternative (a guarded `UPDATE` of a stock row), all in one run.
+//!
+//! Run with `cargo bench --bench reservation` (about 3 minutes; needs `redis-server`,
+//! `redis-benchmark` and the local PostgreSQL).
+//!
+//! What it measures (ops/s; one op = one reservation, i.e. 2 script calls for
+//! reserve+confirm / reserve+release, 1 for reserve alone):
+//! - `reserve_confirm` and `reserve_release` on one hot SKU and on 1,000 SKUs, with 1- and
+//!   5-item reservations, at 1, 16 and 64 requests in flight (one shared multiplexed
+//!   connection, `TCP_NODELAY` on);
+//! - `reserve` alone (1 item, hot SKU) at 1, 16, 64 in flight, next to `redis-benchmark`
+//!   running the identical `EVALSHA` (same keys and arguments, unique reservation ids via
+//!   `__rand_int__`) with `-c K` connections, and with `-c 1 -P K` pipelining: the ceiling;
+//! - `pg_update`: `UPDATE stock SET available = available - $1 WHERE sku = $2 AND
+//!   available >= $1` on one hot row through sqlx with K connections.
+//!
+//! Redis is a private `redis-server` (no persistence) started on a spare port, so other
+//! tests' keys and the shared server's load do not interfere. The table printed at the
+//! end gives ops/s and the ratios; read them with the machine load printed next to them
+//! (2 cores shared by client, server and `redis-benchmark`: background load moves
+//! single runs by 2-4x, which is why the ceiling comparison alternates ours and
+//! `redis-benchmark` three times and keeps each one's best).
+//!
+//! The PostgreSQL `UPDATE` is one atomic hold, so compare it with `reserve`;
+//! `reserve_confirm` is two round trips (a PostgreSQL flow with a confirm would be too).
+//!
+//! Knobs: `BENCH_THREADS` (Tokio workers, default 2; 0 = current-thread runtime),
+//! `BENCH_CONNECTIONS` (multiplexed Redis connections, default 1). Criterion filters
+//! work as usual, e.g. `cargo bench --bench reservation -- ceiling`.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use eventful_reservation::{RedisReservations, ReservationStore};
+use eventful_test_support::{spare_port, TestDatabase};
+
+const IN_FLIGHT: [usize; 3] = [1, 16, 64];
+const SKUS: usize = 1000;
+const HOT: &str = "hot";
+const PLENTY: u64 = 1_000_000_000_000;
+const TTL: Duration = Duration::from_secs(600);
+
+/// ops and time measured per benchmark id (summed over criterion's calls).
+static RESULTS: Mutex<BTreeMap<String, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn record(id: &str, ops: u64, elapsed: Duration) {
+    let mut results = RESULTS.lock().unwrap();
+    let entry = results.entry(id.to_owned()).or_default();
+    entry.0 += ops;
+    entry.1 += elapsed;
+}
+
+fn ops_per_sec(id: &str) -> Option<f64> {
+    let results = RESULTS.lock().unwrap();
+    let (ops, elapsed) = results.get(id)?;
+    Some(*ops as f64 / elapsed.as_secs_f64())
+}
+
+/// A private redis-server without persistence, killed on drop.
+struct PrivateRedis {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let port = spare_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Best-of-3 interleaved ops/s: ours, `redis-benchmark -c K`, `redis-benchmark -c 1 -P K`.
+struct Ceiling {
+    ours: f64,
+    by_clients: f64,
+    by_pipeline: f64,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    ReserveConfirm,
+    ReserveRelease,
+    Reserve,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::ReserveConfirm => "reserve_confirm",
+            Op::ReserveRelease => "reserve_release",
+            Op::Reserve => "reserve",
+        }
+    }
+}
+
+/// The SKUs of reservation `n`: the hot one(s), or spread over 1,000 SKUs.
+fn skus_for(n: u64, hot: bool, items: usize) -> Vec<String> {
+    (0..items as u64)
+        .map(|j| {
+            if hot {
+                if j == 0 {
+                    HOT.to_owned()
+                } else {
+                    format!("hot-{j}")
+                }
+            } else {
+                format!("sku-{}", ((n * 5 + j) * 7919) % SKUS as u64)
+            }
+        })
+        .collect()
+}
+
+async fn one(store: &RedisReservations, op: Op, hot: bool, items: usize) {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = format!("b{n}");
+    let skus = skus_for(n, hot, items);
+    let list: Vec<(&str, u64)> = skus.iter().map(|s| (s.as_str(), 1)).collect();
+    store.reserve(&id, &list, TTL).await.expect("reserve");
+    match op {
+        Op::ReserveConfirm => drop(store.confirm(&id).await.expect("confirm")),
+        Op::ReserveRelease => drop(store.release(&id).await.expect("release")),
+        Op::Reserve => {}
+    }
+}
+
+/// Runs `iters` operations with `in_flight` of them outstanding at any time (one task
+/// per slot pulling from a shared counter) and returns the elapsed time.
+async fn drive<F, Fut>(iters: u64, in_flight: usize, op: F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let left = Arc::new(AtomicU64::new(iters));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (left, op) = (left.clone(), op.clone());
+            tokio::spawn(async move {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    op().await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("bench task");
+    }
+    start.elapsed()
+}
+
+/// Runs `redis-benchmark` on the reserve script for about a second (sized from `rate`,
+/// our own measured ops/s) and returns its requests/s.
+fn redis_benchmark(
+    redis: &PrivateRedis,
+    store: &RedisReservations,
+    clients: usize,
+    pipeline: usize,
+    rate: f64,
+) -> f64 {
+    let sha = {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "SCRIPT", "LOAD"])
+            .arg(eventful_reservation::redis::reserve_script_source())
+            .output()
+            .expect("redis-cli SCRIPT LOAD");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let requests = (rate as u64).clamp(2_000, 300_000);
+    let stock_key = store.stock_key(HOT);
+    let stock_prefix = stock_key.strip_suffix(HOT).unwrap().to_owned();
+    let res_key = store.reservation_key("rb__rand_int__");
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string()])
+        .args(["-c", &clients.to_string(), "-P", &pipeline.to_string()])
+        .args(["-n", &requests.to_string(), "-r", "1000000000", "--csv"])
+        .args([
+            "EVALSHA",
+            &sha,
+            "3",
+            &res_key,
+            store.expiries_key(),
+            &stock_key,
+        ])
+        .args([
+            "rb__rand_int__",
+            &TTL.as_millis().to_string(),
+            "5000",
+            &stock_prefix,
+        ])
+        .args([r#"["hot","1"]"#, "1"])
+        .output()
+        .expect("run redis-benchmark");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let row = stdout
+        .lines()
+        .rev()
+        .find(|line| line.starts_with("\"EVALSHA"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no result from redis-benchmark: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    // The command (first field) holds quotes and commas; the 7 numbers follow it.
+    let fields: Vec<&str> = row.split(',').collect();
+    fields[fields.len() - 7]
+        .trim_matches('"')
+        .parse()
+        .expect("rps")
+}
+
+fn main() {
+    // BENCH_THREADS=0: a current-thread runtime; otherwise that many workers (default 2).
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let rt = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    }
+    .enable_all()
+    .build()
+    .expect("runtime");
+    let redis = PrivateRedis::start();
+    let store = rt.block_on(async {
+        let store = RedisReservations::builder(redis.url().as_str())
+            .namespace("bench")
+            .retention(Duration::from_secs(5))
+            .connections(
+                std::env::var("BENCH_CONNECTIONS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1),
+            )
+            .connect()
+            .await
+            .expect("connect");
+        for sku in std::iter::once(HOT.to_owned())
+            .chain((1..5).map(|j| format!("hot-{j}")))
+            .chain((0..SKUS).map(|i| format!("sku-{i}")))
+        {
+            store.set_stock(&sku, PLENTY).await.expect("set stock");
+        }
+        store
+    });
+    let db = rt.block_on(async {
+        let db = TestDatabase::create_with_pool_size(64).await;
+        sqlx::query("CREATE TABLE stock (sku text PRIMARY KEY, available bigint NOT NULL)")
+            .execute(&db.pool)
+            .await
+            .expect("create table");
+        sqlx::query("INSERT INTO stock VALUES ($1, $2)")
+            .bind(HOT)
+            .bind(PLENTY as i64)
+            .execute(&db.pool)
+            .await
+            .expect("insert");
+        db
+    });
+
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1200))
+        .without_plots()
+        .configure_from_args();
+
+    // Our operations.
+    let mut group = c.benchmark_group("reservation");
+    group.throughput(Throughput::Elements(1));
+    for op in [Op::ReserveConfirm, Op::ReserveRelease] {
+        for (layout, hot) in [("hot", true), ("1000skus", false)] {
+            for items in [1usize, 5] {
+                for k in IN_FLIGHT {
+                    let id = format!("{}/{layout}/{items}item/{k}", op.name());
+                    group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+                        b.to_async(&rt).iter_custom(|iters| {
+                            let (store, id) = (store.clone(), id.clone());
+                            async move {
+                                let elapsed = drive(iters, k, move || {
+                                    let store = store.clone();
+                                    async move { one(&store, op, hot, items).await }
+                                })
+                                .await;
+                                record(&id, iters, elapsed);
+                                elapsed
+                            }
+                        })
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+
+    // The ceiling: reserve alone, ours vs redis-benchmark on the identical EVALSHA.
+    let mut ceiling = BTreeMap::new();
+    let mut group = c.benchmark_group("ceiling");
+    group.throughput(Throughput::Elements(1));
+    for k in IN_FLIGHT {
+        let id = format!("reserve/hot/1item/{k}");
+        group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (store, id) = (store.clone(), id.clone());
+                async move {
+                    let elapsed = drive(iters, k, move || {
+                        let store = store.clone();
+                        async move { one(&store, Op::Reserve, true, 1).await }
+                    })
+                    .await;
+                    record(&id, iters, elapsed);
+                    elapsed
+                }
+            })
+        });
+        if let Some(rate) = ops_per_sec(&id) {
+            // Other processes share the 2 cores and slow whichever run they hit, so
+            // ours and redis-benchmark alternate 3 times and each keeps its best.
+            let (mut ours, mut by_clients, mut by_pipeline) = (0f64, 0f64, 0f64);
+            for _ in 0..3 {
+                let n = (rate as u64).max(2_000);
+                let elapsed = rt.block_on(drive(n, k, {
+                    let store = store.clone();
+                    move || {
+                        let store = store.clone();
+                        async move { one(&store, Op::Reserve, true, 1).await }
+                    }
+                }));
+                ours = ours.max(n as f64 / elapsed.as_secs_f64());
+                by_clients = by_clients.max(redis_benchmark(&redis, &store, k, 1, rate));
+                if k > 1 {
+                    by_pipeline = by_pipeline.max(redis_benchmark(&redis, &store, 1, k, rate));
+                }
+            }
+            if k == 1 {
+                by_pipeline = by_clients;
+            }
+            ceiling.insert(
+                k,
+                Ceiling {
+                    ours,
+                    by_clients,
+                    by_pipeline,
+                },
+            );
+        }
+    }
+    group.finish();
+
+    // The PostgreSQL alternative on the hot row.
+    let mut group = c.benchmark_group("postgres");
+    group.throughput(Throughput::Elements(1));
+    for k in IN_FLIGHT {
+        let id = format!("pg_update/hot/{k}");
+        group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (pool, id) = (db.pool.clone(), id.clone());
+                async move {
+                    let elapsed = drive(iters, k, move || {
+                        let pool = pool.clone();
+                        async move {
+                            let done = sqlx::query(
+                                "UPDATE stock SET available = available - $1 WHERE sku = $2 AND available >= $1",
+                            )
+                            .bind(1i64)
+                            .bind(HOT)
+                            .execute(&pool)
+                            .await
+                            .expect("update");
+                            assert_eq!(done.rows_affected(), 1);
+                        }
+                    })
+                    .await;
+                    record(&id, iters, elapsed);
+                    elapsed
+                }
+            })
+        });
+    }
+    group.finish();
+    c.final_summary();
+
+    print_table(&ceiling);
+}
+
+fn print_table(ceiling: &BTreeMap<usize, Ceiling>) {
+    let uptime = Command::new("uptime")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    println!("\n=== eventful-reservation throughput (ops/s; one op = one reservation) ===");
+    println!("load: {}", uptime.unwrap_or_default());
+    println!(
+        "{:<36} {:>10} {:>10} {:>10}",
+        "criterion runs", "K=1", "K=16", "K=64"
+    );
+    let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+    let row = |label: &str, cells: Vec<String>| {
+        println!(
+            "{label:<36} {:>10} {:>10} {:>10}",
+            cells[0], cells[1], cells[2]
+        );
+    };
+    let ids: Vec<String> = {
+        let results = RESULTS.lock().unwrap();
+        let mut ids: Vec<String> = results
+            .keys()
+            .filter_map(|id| id.rsplit_once('/').map(|(base, _)| base.to_owned()))
+            .collect();
+        ids.dedup();
+        ids
+    };
+    for base in &ids {
+        row(
+            base,
+            IN_FLIGHT
+                .iter()
+                .map(|k| fmt(ops_per_sec(&format!("{base}/{k}"))))
+                .collect(),
+        );
+    }
+    if !ceiling.is_empty() {
+        println!("ceiling (best of 3 interleaved ~1 s runs each):");
+        let pick = |f: fn(&Ceiling) -> f64| -> Vec<String> {
+            IN_FLIGHT
+                .iter()
+                .map(|k| fmt(ceiling.get(k).map(f)))
+                .collect()
+        };
+        row("reserve/hot/1item (ours)", pick(|c| c.ours));
+        row("redis-benchmark -c K -P 1", pick(|c| c.by_clients));
+        row("redis-benchmark -c 1 -P K", pick(|c| c.by_pipeline));
+    }
+    println!("\nratios at matching concurrency K:");
+    for k in IN_FLIGHT {
+        if let Some(c) = ceiling.get(&k) {
+            println!(
+                "  K={k:<3} reserve vs redis-benchmark: {:>5.1}% of -c {k} -P 1, {:>5.1}% of -c 1 -P {k}",
+                100.0 * c.ours / c.by_clients,
+                100.0 * c.ours / c.by_pipeline
+            );
+        }
+        let pg = ops_per_sec(&format!("pg_update/hot/{k}"));
+        for base in [
+            "reserve/hot/1item",
+            "reserve_confirm/hot/1item",
+            "reserve_release/hot/1item",
+        ] {
+            if let (Some(ours), Some(pg)) = (ops_per_sec(&format!("{base}/{k}")), pg) {
+                println!(
+                    "  K={k:<3} {base} vs PostgreSQL hot-row UPDATE: {:>6.1}x",
+                    ours / pg
+                );
+            }
+        }
+    }
+}

@@ -1,3 +1,109 @@
-//! Work in progress.
+//! Inventory reservations on Redis that never oversell and never lose stock.
+//!
+//! ```no_run
+//! use std::{sync::Arc, time::Duration};
+//! use eventful_reservation::{RedisReservations, Reaper, ReservationStore};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn demo() -> Result<(), eventful_reservation::Error> {
+//! let store = RedisReservations::builder("redis://127.0.0.1:6379").namespace("eu-1").connect().await?;
+//! store.set_stock("sku-42", 10).await?;
+//! store.set_stock("sku-7", 3).await?;
+//! let reaper = Reaper::new(Arc::new(store.clone())).spawn(CancellationToken::new());
+//! // Hold 2 items for 15 minutes; the order id makes retries safe.
+//! let hold = store.reserve("order-7", &[("sku-42", 2), ("sku-7", 1)], Duration::from_secs(900)).await?;
+//! store.confirm(&hold.id).await?; // payment went through: the hold becomes a sale
+//! # drop(reaper); Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **No oversell.** Each operation is one Lua script, atomic on the server: a hold is
+//!   taken only if every item is available, so `available` never goes below zero.
+//! - **No lost stock.** For each SKU `available + held + sold` only changes through
+//!   [`set_stock`](ReservationStore::set_stock) / [`adjust_stock`](ReservationStore::adjust_stock).
+//!   A hold ends exactly once, as confirmed, released or expired.
+//! - **All or nothing.** If one item is short, nothing is held and
+//!   [`Error::InsufficientStock`] names the SKU, the requested and available quantities.
+//! - **Idempotent by reservation id.** Reserving a known id returns the existing
+//!   reservation and holds nothing more; confirm and release twice report the state
+//!   again; confirm after release or expiry is refused ([`Error::AlreadyReleased`],
+//!   [`Error::Expired`]). Every call can therefore be retried with the same id after a
+//!   timeout, and the Redis backend does so itself on connection errors (bounded).
+//! - **Expiry returns stock.** Deadlines live in a sorted set; [`Reaper`] (any number of
+//!   them, in any number of processes) returns expired holds in bounded batches. A
+//!   confirm checks the deadline in the same script, so a confirm racing the expiry
+//!   resolves to exactly one of them. Deadlines use the Redis server's clock (`TIME`),
+//!   never the clients'.
+//! - Final reservations are kept for a retention period (default 7 days) so late retries
+//!   see the outcome; after that the id is unknown ([`Error::ReservationNotFound`]).
+//!
+//! # Key layout and Redis Cluster
+//!
+//! ```text
+//! <prefix>{<namespace>}:stock:<sku>  hash  available, held, sold
+//! <prefix>{<namespace>}:res:<id>     hash  state, items, expires_at
+//! <prefix>{<namespace>}:expiries     zset  id by deadline (unix ms)
+//! ```
+//!
+//! Every key carries the hash tag `{<namespace>}`, so all keys a script touches are in
+//! one cluster slot. (Confirm, release and the reaper derive the stock and reservation
+//! keys inside the script from the stored items; they share the tag of the declared
+//! keys, which Redis Cluster accepts because they live in the same slot.) The trade-off: one namespace (warehouse, tenant, region) lives on
+//! one shard and is bounded by one Redis core, and a multi-SKU reservation is
+//! all-or-nothing only **within** a namespace. Spread load by using many namespaces
+//! (one [`RedisReservations`] each); a reservation across namespaces needs a saga.
+//!
+//! # Failure modes
+//!
+//! - **Connection loss, Redis restart.** The connection reconnects by itself
+//!   (`ConnectionManager`); failed calls are retried (same id) with backoff up to
+//!   [`DEFAULT_MAX_ATTEMPTS`](redis::DEFAULT_MAX_ATTEMPTS) attempts, then returned as a
+//!   retryable [`Error::Redis`] ([`Error::is_retryable`]). Scripts are called by SHA
+//!   and reloaded on `NOSCRIPT` (the cache is empty after a restart).
+//! - **`adjust_stock` is the exception**: a delta is not idempotent, so it is never
+//!   retried automatically; after a retryable error read the stock (or use the
+//!   idempotent `set_stock`).
+//! - **A timed-out call may have run.** Retry it with the same reservation id: the
+//!   answer is the same reservation, never a second hold.
+//! - **Redis loses data.** What a restart keeps depends on the server's persistence:
+//!   with `appendonly yes` + `appendfsync always` every acknowledged call survives a
+//!   crash (tested: restart mid-run, the invariants hold); with `appendfsync everysec`
+//!   (Redis' default) up to ~1 s of acknowledged calls can vanish; with no persistence
+//!   everything is gone. Asynchronous replication means a **failover can lose
+//!   acknowledged writes** too (use `WAIT`/`min-replicas-to-write` to narrow it). Each
+//!   script is one atomic entry in the AOF, so what survives is always a consistent
+//!   state — `available + held + sold` still balances — but it may be **older** than
+//!   what clients were told: a confirmed sale may be back to a hold (then expire), or a
+//!   hold may be gone. Treat Redis as the fast gate and keep the system of record (the
+//!   order, in PostgreSQL) authoritative; reconcile stock from it after a data loss.
+//! - **Nobody runs a reaper.** Stock of an expired hold still returns when the
+//!   reservation is next touched (reserve-retry, confirm, release), but otherwise only
+//!   a [`Reaper`] (or a call to `reap_expired`) returns it: run one per process.
+//! - **Clock.** Deadlines are evaluated on Redis' clock; a server clock jump moves them.
+//! - **A stock key deleted by hand** while holds exist is recreated by their settlement
+//!   with only the returned quantities.
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
+
+mod error;
+mod memory;
+mod model;
+mod reaper;
+mod store;
+
+#[cfg(feature = "test-utils")]
+pub mod contract;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+pub use error::Error;
+pub use memory::InMemoryReservations;
+pub use model::{
+    Reservation, ReservationState, StockLevel, DEFAULT_RETENTION, MAX_QUANTITY, MAX_TTL,
+};
+pub use reaper::{Reaper, DEFAULT_REAP_BATCH, DEFAULT_REAP_INTERVAL};
+pub use store::ReservationStore;
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{RedisReservations, RedisReservationsBuilder};

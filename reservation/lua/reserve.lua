@@ -1,0 +1,53 @@
+-- reserve: hold every item of a reservation, all or nothing; idempotent by reservation id.
+-- KEYS[1] reservation hash, KEYS[2] expiries zset, KEYS[2+i] stock hash of item i
+-- ARGV[1] reservation id, ARGV[2] ttl ms, ARGV[3] retention ms, ARGV[4] stock key prefix,
+-- ARGV[5] items JSON (canonical), ARGV[5+i] quantity of item i
+-- Returns {'created', 'held', expires_at} (the caller knows the items),
+-- {kind, state, expires_at, items} with kind existing|conflict,
+-- or {'unknown_sku', sku} / {'insufficient', sku, requested, available}.
+local res_key, expiries_key = KEYS[1], KEYS[2]
+local id, stock_prefix, items_json = ARGV[1], ARGV[4], ARGV[5]
+local retention = tonumber(ARGV[3])
+local now = now_ms()
+
+local stored = redis.call('HMGET', res_key, 'state', 'items', 'expires_at')
+if stored[1] then
+  -- The id is known: report it, holding nothing more. A hold past its deadline that the
+  -- reaper has not reached yet expires now, so the answer never shows a dead hold.
+  local state, expires_at = stored[1], tonumber(stored[3])
+  if state == 'held' and now >= expires_at then
+    move_items(stock_prefix, stored[2], 'held', 'available')
+    finish(res_key, expiries_key, id, 'expired', retention)
+    state = 'expired'
+  end
+  local kind = 'existing'
+  if stored[2] ~= items_json then
+    kind = 'conflict'
+  end
+  return {kind, state, expires_at, stored[2]}
+end
+
+local n = #KEYS - 2
+local prefix_len = string.len(stock_prefix)
+-- Validate every item first ...
+for i = 1, n do
+  local qty = tonumber(ARGV[5 + i])
+  local available = tonumber(redis.call('HGET', KEYS[2 + i], 'available'))
+  local sku = string.sub(KEYS[2 + i], prefix_len + 1)
+  if not available then
+    return {'unknown_sku', sku}
+  end
+  if available < qty then
+    return {'insufficient', sku, qty, available}
+  end
+end
+-- ... then write.
+for i = 1, n do
+  local qty = tonumber(ARGV[5 + i])
+  redis.call('HINCRBY', KEYS[2 + i], 'available', -qty)
+  redis.call('HINCRBY', KEYS[2 + i], 'held', qty)
+end
+local expires_at = now + tonumber(ARGV[2])
+redis.call('HSET', res_key, 'state', 'held', 'items', items_json, 'expires_at', expires_at)
+redis.call('ZADD', expiries_key, expires_at, id)
+return {'created', 'held', expires_at}

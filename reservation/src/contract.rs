@@ -1,0 +1,534 @@
+//! The contract every [`ReservationStore`] backend must pass (feature `test-utils`).
+//!
+//! Plain public async functions that panic on a broken guarantee, in the style of
+//! `object_store::integration`. Give each one a fresh, empty store; or let
+//! [`contract_tests!`](crate::contract_tests) generate one `#[tokio::test]` per function:
+//!
+//! ```
+//! use eventful_reservation::InMemoryReservations;
+//!
+//! eventful_reservation::contract_tests!(async { InMemoryReservations::new() });
+//! # fn main() {}
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::{Error, ReservationState, ReservationStore, StockLevel};
+
+/// Generates one `#[tokio::test]` per contract function; `$factory` is an expression
+/// evaluating to a future of a fresh store, evaluated once per test.
+#[macro_export]
+macro_rules! contract_tests {
+    ($factory:expr) => {
+        $crate::contract_tests!(@each $factory;
+            stock_levels,
+            reserve_confirm_release,
+            all_or_nothing,
+            idempotent_reserve,
+            idempotent_confirm_and_release,
+            expiry_returns_stock,
+            confirm_after_deadline_expires_it,
+            reap_in_bounded_batches,
+            concurrent_reapers_expire_each_hold_once,
+            confirm_races_expiry,
+            no_oversell_under_concurrency,
+            invalid_input
+        );
+    };
+    (@each $factory:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $factory.await;
+                $crate::contract::$name(&store).await;
+            }
+        )*
+    };
+}
+
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn level(store: &dyn ReservationStore, sku: &str) -> StockLevel {
+    store.stock(sku).await.expect("stock")
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Stock can be set, adjusted, read; never below zero; unknown SKUs are typed errors.
+pub async fn stock_levels(store: &dyn ReservationStore) {
+    assert!(matches!(store.stock("nope").await, Err(Error::UnknownSku { sku }) if sku == "nope"));
+    assert!(matches!(
+        store.adjust_stock("nope", 1).await,
+        Err(Error::UnknownSku { .. })
+    ));
+    assert_eq!(
+        store.set_stock("a", 10).await.unwrap(),
+        StockLevel::new(10, 0, 0)
+    );
+    assert_eq!(
+        store.adjust_stock("a", 5).await.unwrap(),
+        StockLevel::new(15, 0, 0)
+    );
+    assert_eq!(
+        store.adjust_stock("a", -15).await.unwrap(),
+        StockLevel::new(0, 0, 0)
+    );
+    match store.adjust_stock("a", -1).await {
+        Err(Error::InsufficientStock {
+            sku,
+            requested: 1,
+            available: 0,
+        }) => assert_eq!(sku, "a"),
+        other => panic!("expected InsufficientStock, got {other:?}"),
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(0, 0, 0));
+    // set_stock keeps held and sold.
+    store.set_stock("a", 3).await.unwrap();
+    store.reserve("r", &[("a", 2)], HOUR).await.unwrap();
+    assert_eq!(
+        store.set_stock("a", 7).await.unwrap(),
+        StockLevel::new(7, 2, 0)
+    );
+}
+
+/// A hold moves stock to `held`; confirm moves it to `sold`; release back to `available`.
+pub async fn reserve_confirm_release(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    store.set_stock("b", 10).await.unwrap();
+    let r = store
+        .reserve("r1", &[("b", 2), ("a", 3)], HOUR)
+        .await
+        .unwrap();
+    assert_eq!(r.id, "r1");
+    assert_eq!(r.state, ReservationState::Held);
+    assert_eq!(r.items, vec![("a".to_owned(), 3), ("b".to_owned(), 2)]);
+    let now = std::time::SystemTime::now();
+    assert!(
+        r.expires_at > now + Duration::from_secs(3500)
+            && r.expires_at < now + Duration::from_secs(3700)
+    );
+    assert_eq!(level(store, "a").await, StockLevel::new(7, 3, 0));
+    assert_eq!(level(store, "b").await, StockLevel::new(8, 2, 0));
+    assert_eq!(store.reservation("r1").await.unwrap(), Some(r.clone()));
+
+    let confirmed = store.confirm("r1").await.unwrap();
+    assert_eq!(confirmed.state, ReservationState::Confirmed);
+    assert_eq!(level(store, "a").await, StockLevel::new(7, 0, 3));
+    assert_eq!(level(store, "b").await, StockLevel::new(8, 0, 2));
+
+    store.reserve("r2", &[("a", 7)], HOUR).await.unwrap();
+    assert_eq!(level(store, "a").await, StockLevel::new(0, 7, 3));
+    let released = store.release("r2").await.unwrap();
+    assert_eq!(released.state, ReservationState::Released);
+    assert_eq!(level(store, "a").await, StockLevel::new(7, 0, 3));
+    assert_eq!(
+        store.reservation("r2").await.unwrap().unwrap().state,
+        ReservationState::Released
+    );
+    assert_eq!(store.reservation("never").await.unwrap(), None);
+}
+
+/// If one item is short nothing is held, and the error names the SKU and quantities.
+pub async fn all_or_nothing(store: &dyn ReservationStore) {
+    store.set_stock("plenty", 100).await.unwrap();
+    store.set_stock("short", 2).await.unwrap();
+    match store
+        .reserve("r", &[("plenty", 5), ("short", 3)], HOUR)
+        .await
+    {
+        Err(Error::InsufficientStock {
+            sku,
+            requested,
+            available,
+        }) => {
+            assert_eq!((sku.as_str(), requested, available), ("short", 3, 2));
+        }
+        other => panic!("expected InsufficientStock, got {other:?}"),
+    }
+    match store
+        .reserve("r", &[("plenty", 5), ("ghost", 1)], HOUR)
+        .await
+    {
+        Err(Error::UnknownSku { sku }) => assert_eq!(sku, "ghost"),
+        other => panic!("expected UnknownSku, got {other:?}"),
+    }
+    assert_eq!(level(store, "plenty").await, StockLevel::new(100, 0, 0));
+    assert_eq!(level(store, "short").await, StockLevel::new(2, 0, 0));
+    assert_eq!(
+        store.reservation("r").await.unwrap(),
+        None,
+        "a refused reservation leaves no record"
+    );
+    // Duplicates count together: 2 + 1 > 2.
+    assert!(matches!(
+        store
+            .reserve("r", &[("short", 2), ("short", 1)], HOUR)
+            .await,
+        Err(Error::InsufficientStock {
+            requested: 3,
+            available: 2,
+            ..
+        })
+    ));
+    // The same id can then be used for a reservation that fits.
+    let r = store
+        .reserve("r", &[("plenty", 5), ("short", 2)], HOUR)
+        .await
+        .unwrap();
+    assert_eq!(r.state, ReservationState::Held);
+    assert_eq!(level(store, "short").await, StockLevel::new(0, 2, 0));
+}
+
+/// Reserving a known id returns the existing reservation and holds nothing more.
+pub async fn idempotent_reserve(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    store.set_stock("b", 10).await.unwrap();
+    let first = store
+        .reserve("r", &[("a", 2), ("b", 1)], HOUR)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        // Same items in another order, or split: the same reservation.
+        let again = store
+            .reserve("r", &[("b", 1), ("a", 1), ("a", 1)], HOUR)
+            .await
+            .unwrap();
+        assert_eq!(again, first);
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(8, 2, 0));
+    assert!(matches!(
+        store.reserve("r", &[("a", 3)], HOUR).await,
+        Err(Error::IdConflict { reservation_id }) if reservation_id == "r"
+    ));
+    assert_eq!(level(store, "a").await, StockLevel::new(8, 2, 0));
+    // After a final state, a retry reports that state and holds nothing.
+    store.confirm("r").await.unwrap();
+    let after = store
+        .reserve("r", &[("a", 2), ("b", 1)], HOUR)
+        .await
+        .unwrap();
+    assert_eq!(after.state, ReservationState::Confirmed);
+    assert_eq!(level(store, "a").await, StockLevel::new(8, 0, 2));
+}
+
+/// Confirm / release twice are harmless; the other one after a final state is refused.
+pub async fn idempotent_confirm_and_release(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    store.reserve("c", &[("a", 1)], HOUR).await.unwrap();
+    store.reserve("r", &[("a", 2)], HOUR).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            store.confirm("c").await.unwrap().state,
+            ReservationState::Confirmed
+        );
+        assert_eq!(
+            store.release("r").await.unwrap().state,
+            ReservationState::Released
+        );
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(9, 0, 1));
+    assert!(
+        matches!(store.confirm("r").await, Err(Error::AlreadyReleased { reservation_id }) if reservation_id == "r")
+    );
+    assert!(
+        matches!(store.release("c").await, Err(Error::AlreadyConfirmed { reservation_id }) if reservation_id == "c")
+    );
+    assert!(matches!(
+        store.confirm("x").await,
+        Err(Error::ReservationNotFound { .. })
+    ));
+    assert!(matches!(
+        store.release("x").await,
+        Err(Error::ReservationNotFound { .. })
+    ));
+    assert_eq!(level(store, "a").await, StockLevel::new(9, 0, 1));
+    assert!(!Error::AlreadyReleased {
+        reservation_id: "r".into()
+    }
+    .is_retryable());
+}
+
+/// A hold past its TTL gives its stock back through `reap_expired`, without a release.
+pub async fn expiry_returns_stock(store: &dyn ReservationStore) {
+    store.set_stock("a", 5).await.unwrap();
+    store.reserve("keep", &[("a", 1)], HOUR).await.unwrap();
+    let short = store
+        .reserve("gone", &[("a", 3)], Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(level(store, "a").await, StockLevel::new(1, 4, 0));
+    eventually("the short hold is past its deadline", || async {
+        store.reservation("gone").await.unwrap().unwrap().state == ReservationState::Expired
+    })
+    .await;
+    let reaped = store.reap_expired(10).await.unwrap();
+    assert_eq!(reaped, 1, "only the expired hold is reaped");
+    assert_eq!(store.reap_expired(10).await.unwrap(), 0);
+    assert_eq!(level(store, "a").await, StockLevel::new(4, 1, 0));
+    assert!(matches!(
+        store.confirm("gone").await,
+        Err(Error::Expired { .. })
+    ));
+    assert_eq!(
+        store.release("gone").await.unwrap().state,
+        ReservationState::Expired
+    );
+    let retry = store
+        .reserve("gone", &[("a", 3)], Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(retry.state, ReservationState::Expired);
+    assert_eq!(retry.expires_at, short.expires_at);
+    assert_eq!(level(store, "a").await, StockLevel::new(4, 1, 0));
+    assert_eq!(
+        store.confirm("keep").await.unwrap().state,
+        ReservationState::Confirmed
+    );
+}
+
+/// Confirm after the deadline is refused and expires the hold itself (stock back even
+/// before any reaper ran); release and reserve-retry after the deadline do the same.
+pub async fn confirm_after_deadline_expires_it(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    let ttl = Duration::from_millis(30);
+    for id in ["c", "r", "again"] {
+        store.reserve(id, &[("a", 2)], ttl).await.unwrap();
+    }
+    eventually("the holds are past their deadline", || async {
+        store.reservation("again").await.unwrap().unwrap().state == ReservationState::Expired
+    })
+    .await;
+    assert!(
+        matches!(store.confirm("c").await, Err(Error::Expired { reservation_id }) if reservation_id == "c")
+    );
+    assert_eq!(level(store, "a").await, StockLevel::new(6, 4, 0));
+    assert_eq!(
+        store.release("r").await.unwrap().state,
+        ReservationState::Expired
+    );
+    assert_eq!(level(store, "a").await, StockLevel::new(8, 2, 0));
+    assert_eq!(
+        store
+            .reserve("again", &[("a", 2)], ttl)
+            .await
+            .unwrap()
+            .state,
+        ReservationState::Expired
+    );
+    assert_eq!(level(store, "a").await, StockLevel::new(10, 0, 0));
+    assert_eq!(
+        store.reap_expired(100).await.unwrap(),
+        0,
+        "nothing left to reap"
+    );
+}
+
+/// `reap_expired(n)` expires at most `n` holds per call.
+pub async fn reap_in_bounded_batches(store: &dyn ReservationStore) {
+    store.set_stock("a", 100).await.unwrap();
+    for i in 0..25 {
+        store
+            .reserve(&format!("r{i}"), &[("a", 2)], Duration::from_millis(20))
+            .await
+            .unwrap();
+    }
+    store.reserve("live", &[("a", 1)], HOUR).await.unwrap();
+    eventually("every short hold is past its deadline", || async {
+        for i in 0..25 {
+            let r = store.reservation(&format!("r{i}")).await.unwrap().unwrap();
+            if r.state != ReservationState::Expired {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(store.reap_expired(10).await.unwrap(), 10);
+    assert_eq!(level(store, "a").await, StockLevel::new(69, 31, 0));
+    assert_eq!(store.reap_expired(10).await.unwrap(), 10);
+    assert_eq!(store.reap_expired(10).await.unwrap(), 5);
+    assert_eq!(store.reap_expired(10).await.unwrap(), 0);
+    assert_eq!(level(store, "a").await, StockLevel::new(99, 1, 0));
+}
+
+/// Several reapers at once expire every hold exactly once.
+pub async fn concurrent_reapers_expire_each_hold_once(store: &dyn ReservationStore) {
+    store.set_stock("a", 1000).await.unwrap();
+    for i in 0..200 {
+        store
+            .reserve(&format!("r{i}"), &[("a", 1)], Duration::from_millis(20))
+            .await
+            .unwrap();
+    }
+    eventually("the last hold is past its deadline", || async {
+        store.reservation("r199").await.unwrap().unwrap().state == ReservationState::Expired
+    })
+    .await;
+    let reaper = || async {
+        let mut total = 0;
+        loop {
+            let n = store.reap_expired(7).await.unwrap();
+            if n == 0 {
+                return total;
+            }
+            total += n;
+        }
+    };
+    let (a, b, c, d) = tokio::join!(reaper(), reaper(), reaper(), reaper());
+    assert_eq!(
+        a + b + c + d,
+        200,
+        "each hold expired exactly once ({a}+{b}+{c}+{d})"
+    );
+    assert_eq!(level(store, "a").await, StockLevel::new(1000, 0, 0));
+}
+
+/// A confirm racing the expiry (and a reaper) resolves to exactly one outcome, and the
+/// stock agrees with it.
+pub async fn confirm_races_expiry(store: &dyn ReservationStore) {
+    const ROUNDS: u64 = 60;
+    store.set_stock("a", 1000).await.unwrap();
+    let (mut confirmed, mut expired) = (0u64, 0u64);
+    for round in 0..ROUNDS {
+        let id = format!("race{round}");
+        let ttl = Duration::from_millis(15);
+        store.reserve(&id, &[("a", 1)], ttl).await.unwrap();
+        // Confirm somewhere between well before and well after the deadline.
+        let delay = Duration::from_millis(round % 30);
+        let confirm = async {
+            tokio::time::sleep(delay).await;
+            store.confirm(&id).await
+        };
+        let reap = async {
+            let start = Instant::now();
+            let mut n = 0;
+            while start.elapsed() < Duration::from_millis(40) {
+                n += store.reap_expired(10).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            n
+        };
+        let (outcome, reaped) = tokio::join!(confirm, reap);
+        let state = store.reservation(&id).await.unwrap().unwrap().state;
+        match outcome {
+            Ok(r) => {
+                assert_eq!(r.state, ReservationState::Confirmed);
+                assert_eq!(state, ReservationState::Confirmed);
+                assert_eq!(reaped, 0, "a confirmed hold was also reaped");
+                confirmed += 1;
+            }
+            Err(Error::Expired { .. }) => {
+                assert_eq!(state, ReservationState::Expired);
+                expired += 1;
+            }
+            Err(e) => panic!("unexpected confirm outcome {e:?}"),
+        }
+        assert_eq!(
+            level(store, "a").await,
+            StockLevel::new(1000 - confirmed, 0, confirmed),
+            "round {round}: stock disagrees with the outcomes"
+        );
+    }
+    assert!(
+        confirmed > 0 && expired > 0,
+        "the race was not exercised: {confirmed} confirmed, {expired} expired"
+    );
+}
+
+/// Many concurrent reservations on one SKU never hold more than the stock.
+pub async fn no_oversell_under_concurrency(store: &dyn ReservationStore) {
+    store.set_stock("hot", 50).await.unwrap();
+    let attempts = (0..200).map(|i| async move {
+        let id = format!("r{i}");
+        match store.reserve(&id, &[("hot", 1)], HOUR).await {
+            Ok(_) => Some(store.confirm(&id).await.unwrap()),
+            Err(Error::InsufficientStock { .. }) => None,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    });
+    let sold = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .flatten()
+        .count();
+    assert_eq!(sold, 50);
+    assert_eq!(level(store, "hot").await, StockLevel::new(0, 0, 50));
+}
+
+/// Invalid input is refused before anything is written.
+pub async fn invalid_input(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    assert!(matches!(
+        store.reserve("r", &[], HOUR).await,
+        Err(Error::NoItems)
+    ));
+    assert!(matches!(
+        store.reserve("r", &[("a", 0)], HOUR).await,
+        Err(Error::InvalidQuantity { quantity: 0, .. })
+    ));
+    assert!(matches!(
+        store.reserve("r", &[("a", 1)], Duration::ZERO).await,
+        Err(Error::InvalidTtl(_))
+    ));
+    assert!(matches!(
+        store.reserve("", &[("a", 1)], HOUR).await,
+        Err(Error::InvalidId(_))
+    ));
+    assert!(matches!(
+        store.set_stock("", 1).await,
+        Err(Error::InvalidId(_))
+    ));
+    assert_eq!(store.reservation("r").await.unwrap(), None);
+    assert_eq!(level(store, "a").await, StockLevel::new(10, 0, 0));
+}
+
+/// Final reservations stay readable (and retries idempotent) for the store's retention,
+/// then are forgotten; holds are never forgotten before they end. Call with a store
+/// configured with a short `retention` (well under a second).
+pub async fn final_records_expire_after_retention(
+    store: &dyn ReservationStore,
+    retention: Duration,
+) {
+    store.set_stock("a", 10).await.unwrap();
+    store.reserve("done", &[("a", 1)], HOUR).await.unwrap();
+    store
+        .reserve(
+            "live",
+            &[("a", 1)],
+            Duration::from_millis(200) + retention * 3,
+        )
+        .await
+        .unwrap();
+    store.confirm("done").await.unwrap();
+    // Right after, a retry sees the outcome.
+    assert_eq!(
+        store.confirm("done").await.unwrap().state,
+        ReservationState::Confirmed
+    );
+    eventually("the final record is forgotten", || async {
+        store.reservation("done").await.unwrap().is_none()
+    })
+    .await;
+    assert!(matches!(
+        store.confirm("done").await,
+        Err(Error::ReservationNotFound { .. })
+    ));
+    // The live hold outlived the retention period of final records.
+    assert_eq!(
+        store.reservation("live").await.unwrap().unwrap().state,
+        ReservationState::Held
+    );
+    assert_eq!(level(store, "a").await, StockLevel::new(8, 1, 1));
+}

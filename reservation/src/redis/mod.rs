@@ -1,0 +1,575 @@
+//! `RedisReservations`: every operation one atomic Lua script on Redis.
+
+mod scripts;
+
+pub use scripts::reserve_script_source;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
+use redis::{IntoConnectionInfo, ScriptInvocation, Value};
+use tracing::Instrument;
+
+use crate::error::is_retryable_redis;
+use crate::model::{check_id, check_sku, check_ttl, from_unix_ms, normalize_items};
+use crate::{
+    Error, Reservation, ReservationState, ReservationStore, StockLevel, DEFAULT_RETENTION,
+};
+use scripts::Scripts;
+
+/// Default key prefix: keys look like `eventful:{default}:stock:<sku>`.
+pub const DEFAULT_KEY_PREFIX: &str = "eventful:";
+/// Default inventory namespace (the hash tag: one namespace lives in one cluster slot).
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Default time to wait for one reply before the call fails (and may be retried).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time to wait for a (re)connection.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default number of attempts of one operation on retryable errors.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+
+/// The Redis [`ReservationStore`].
+///
+/// Cheap to clone (the connections are shared and multiplexed). See the crate docs for
+/// the key layout and the guarantees.
+#[derive(Clone)]
+pub struct RedisReservations {
+    conns: Arc<[ConnectionManager]>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    next: std::sync::atomic::AtomicUsize,
+    scripts: Scripts,
+    stock_prefix: String,
+    res_prefix: String,
+    expiries_key: String,
+    retention_ms: u64,
+    max_attempts: u32,
+    retry_min_delay: Duration,
+    retry_max_delay: Duration,
+}
+
+impl std::fmt::Debug for RedisReservations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisReservations")
+            .field("stock_prefix", &self.inner.stock_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures and connects a [`RedisReservations`].
+#[derive(Debug)]
+#[must_use]
+pub struct RedisReservationsBuilder {
+    target: Target,
+    key_prefix: String,
+    namespace: String,
+    retention: Duration,
+    response_timeout: Duration,
+    connection_timeout: Duration,
+    connections: usize,
+    max_attempts: u32,
+    retry_min_delay: Duration,
+    retry_max_delay: Duration,
+}
+
+enum Target {
+    Info(redis::RedisResult<redis::ConnectionInfo>),
+    Connection(ConnectionManager),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Info(info) => f.debug_tuple("Info").field(info).finish(),
+            Target::Connection(_) => f.write_str("Connection(..)"),
+        }
+    }
+}
+
+impl RedisReservations {
+    /// Starts configuring a store on the Redis at `url` (e.g. `redis://127.0.0.1:6379`).
+    ///
+    /// Defaults: key prefix [`DEFAULT_KEY_PREFIX`], namespace [`DEFAULT_NAMESPACE`],
+    /// retention [`DEFAULT_RETENTION`], response timeout [`DEFAULT_RESPONSE_TIMEOUT`],
+    /// connection timeout [`DEFAULT_CONNECTION_TIMEOUT`], [`DEFAULT_MAX_ATTEMPTS`]
+    /// attempts with backoff from 20 ms to 1 s, `TCP_NODELAY` on.
+    pub fn builder(url: impl IntoConnectionInfo) -> RedisReservationsBuilder {
+        RedisReservationsBuilder::new(Target::Info(url.into_connection_info()))
+    }
+
+    /// Starts configuring a store on a connection you made (you choose its timeouts and
+    /// TCP settings; redis-rs leaves `TCP_NODELAY` off by default).
+    pub fn builder_with_connection(conn: ConnectionManager) -> RedisReservationsBuilder {
+        RedisReservationsBuilder::new(Target::Connection(conn))
+    }
+
+    /// The key of a SKU's stock hash (`<prefix>{<namespace>}:stock:<sku>`).
+    pub fn stock_key(&self, sku: &str) -> String {
+        format!("{}{sku}", self.inner.stock_prefix)
+    }
+
+    /// The key of a reservation's hash (`<prefix>{<namespace>}:res:<id>`).
+    pub fn reservation_key(&self, reservation_id: &str) -> String {
+        format!("{}{reservation_id}", self.inner.res_prefix)
+    }
+
+    /// The key of the sorted set of deadlines (`<prefix>{<namespace>}:expiries`).
+    pub fn expiries_key(&self) -> &str {
+        &self.inner.expiries_key
+    }
+
+    /// The connection the next call will use (round-robin over
+    /// [`connections`](RedisReservationsBuilder::connections)).
+    pub fn connection(&self) -> ConnectionManager {
+        let i = self
+            .inner
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns[i % self.conns.len()].clone()
+    }
+
+    /// Runs a script, retrying retryable failures with exponential backoff. Every script
+    /// is idempotent, so repeating one that timed out after running is safe.
+    async fn invoke(
+        &self,
+        op: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Value, Error> {
+        self.invoke_with(op, invocation, self.inner.max_attempts)
+            .await
+    }
+
+    async fn invoke_with(
+        &self,
+        op: &'static str,
+        invocation: &ScriptInvocation<'_>,
+        max_attempts: u32,
+    ) -> Result<Value, Error> {
+        let mut delay = self.inner.retry_min_delay;
+        let mut attempt = 1;
+        loop {
+            let mut conn = self.connection();
+            match invocation.invoke_async::<Value>(&mut conn).await {
+                Ok(value) => return Ok(value),
+                Err(e) if attempt < max_attempts && is_retryable_redis(&e) => {
+                    tracing::warn!(op, attempt, error = %e, "redis call failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.inner.retry_max_delay);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl RedisReservationsBuilder {
+    fn new(target: Target) -> Self {
+        Self {
+            target,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            retention: DEFAULT_RETENTION,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+            connections: 1,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_min_delay: Duration::from_millis(20),
+            retry_max_delay: Duration::from_secs(1),
+        }
+    }
+
+    /// Prefix of every key (default [`DEFAULT_KEY_PREFIX`]); must not contain `{` or `}`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// The inventory namespace (warehouse, tenant…), used as the hash tag (default
+    /// [`DEFAULT_NAMESPACE`]). Multi-item reservations are all-or-nothing within one
+    /// namespace; one namespace is one Redis Cluster slot.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long a reservation record stays readable after its final state, so retries
+    /// still see the outcome (default [`DEFAULT_RETENTION`]).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Time to wait for a reply (default [`DEFAULT_RESPONSE_TIMEOUT`]); ignored with
+    /// [`RedisReservations::builder_with_connection`].
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// Time to wait for a connection (default [`DEFAULT_CONNECTION_TIMEOUT`]); ignored
+    /// with [`RedisReservations::builder_with_connection`].
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// Number of multiplexed connections, used round-robin (default 1: one connection
+    /// already pipelines every concurrent call; more can help a client on many cores).
+    /// Ignored with [`RedisReservations::builder_with_connection`].
+    pub fn connections(mut self, connections: usize) -> Self {
+        self.connections = connections.max(1);
+        self
+    }
+
+    /// Attempts per operation on retryable errors (default [`DEFAULT_MAX_ATTEMPTS`];
+    /// 1 disables retries).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Backoff between attempts: starts at `min`, doubles up to `max` (default 20 ms–1 s).
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_min_delay = min;
+        self.retry_max_delay = max.max(min);
+        self
+    }
+
+    /// Connects (with `TCP_NODELAY` on) and returns the store.
+    pub async fn connect(self) -> Result<RedisReservations, Error> {
+        for (what, value) in [
+            ("key prefix", &self.key_prefix),
+            ("namespace", &self.namespace),
+        ] {
+            if value.contains(['{', '}']) {
+                return Err(Error::Config(format!(
+                    "the {what} {value:?} contains a brace"
+                )));
+            }
+        }
+        if self.namespace.is_empty() {
+            return Err(Error::Config("the namespace is empty".into()));
+        }
+        let conns: Vec<ConnectionManager> = match self.target {
+            Target::Connection(conn) => vec![conn],
+            Target::Info(info) => {
+                let info = info?;
+                let tcp = TcpSettings::default().set_nodelay(true);
+                let client = redis::Client::open(info.set_tcp_settings(tcp))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.response_timeout))
+                    .set_connection_timeout(Some(self.connection_timeout))
+                    .set_min_delay(Duration::from_millis(25))
+                    .set_max_delay(Duration::from_millis(500))
+                    .set_number_of_retries(4);
+                let mut conns = Vec::with_capacity(self.connections);
+                for _ in 0..self.connections {
+                    conns.push(
+                        ConnectionManager::new_with_config(client.clone(), config.clone()).await?,
+                    );
+                }
+                conns
+            }
+        };
+        let base = format!("{}{{{}}}:", self.key_prefix, self.namespace);
+        Ok(RedisReservations {
+            conns: conns.into(),
+            inner: Arc::new(Inner {
+                next: std::sync::atomic::AtomicUsize::new(0),
+                scripts: Scripts::new(),
+                stock_prefix: format!("{base}stock:"),
+                res_prefix: format!("{base}res:"),
+                expiries_key: format!("{base}expiries"),
+                retention_ms: u64::try_from(self.retention.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+                max_attempts: self.max_attempts,
+                retry_min_delay: self.retry_min_delay,
+                retry_max_delay: self.retry_max_delay,
+            }),
+        })
+    }
+}
+
+// ---- reply parsing -------------------------------------------------------------------
+
+fn protocol(what: impl std::fmt::Display) -> Error {
+    Error::Protocol(what.to_string())
+}
+
+fn array(value: Value) -> Result<Vec<Value>, Error> {
+    match value {
+        Value::Array(items) => Ok(items),
+        other => Err(protocol(format!("expected an array, got {other:?}"))),
+    }
+}
+
+fn text(value: Option<&Value>) -> Result<String, Error> {
+    match value {
+        Some(Value::BulkString(bytes)) => String::from_utf8(bytes.clone()).map_err(protocol),
+        Some(Value::SimpleString(s)) => Ok(s.clone()),
+        Some(Value::Int(i)) => Ok(i.to_string()),
+        other => Err(protocol(format!("expected a string, got {other:?}"))),
+    }
+}
+
+fn int(value: Option<&Value>) -> Result<u64, Error> {
+    match value {
+        Some(Value::Int(i)) => u64::try_from(*i).map_err(protocol),
+        Some(Value::BulkString(bytes)) => std::str::from_utf8(bytes)
+            .map_err(protocol)?
+            .parse()
+            .map_err(protocol),
+        other => Err(protocol(format!("expected an integer, got {other:?}"))),
+    }
+}
+
+fn parse_items(json: &str) -> Result<Vec<(String, u64)>, Error> {
+    let flat: Vec<String> = serde_json::from_str(json).map_err(protocol)?;
+    flat.chunks(2)
+        .map(|pair| match pair {
+            [sku, qty] => Ok((sku.clone(), qty.parse().map_err(protocol)?)),
+            _ => Err(protocol("odd items list")),
+        })
+        .collect()
+}
+
+fn encode_items(items: &[(String, u64)]) -> Result<String, Error> {
+    let flat: Vec<String> = items
+        .iter()
+        .flat_map(|(sku, qty)| [sku.clone(), qty.to_string()])
+        .collect();
+    serde_json::to_string(&flat).map_err(protocol)
+}
+
+/// Parses `{state, expires_at, items}` (from index `at`), or `None` for `{'not_found'}`.
+fn parse_reservation(id: &str, reply: &[Value], at: usize) -> Result<Option<Reservation>, Error> {
+    let state = text(reply.get(at))?;
+    if state == "not_found" {
+        return Ok(None);
+    }
+    let state =
+        ReservationState::parse(&state).ok_or_else(|| protocol(format!("state {state:?}")))?;
+    Ok(Some(Reservation {
+        id: id.to_owned(),
+        state,
+        expires_at: from_unix_ms(int(reply.get(at + 1))?),
+        items: parse_items(&text(reply.get(at + 2))?)?,
+    }))
+}
+
+fn parse_level(reply: &[Value], at: usize) -> Result<StockLevel, Error> {
+    Ok(StockLevel::new(
+        int(reply.get(at))?,
+        int(reply.get(at + 1))?,
+        int(reply.get(at + 2))?,
+    ))
+}
+
+fn not_found(reservation_id: &str) -> Error {
+    Error::ReservationNotFound {
+        reservation_id: reservation_id.to_owned(),
+    }
+}
+
+#[async_trait]
+impl ReservationStore for RedisReservations {
+    async fn set_stock(&self, sku: &str, available: u64) -> Result<StockLevel, Error> {
+        check_sku(sku)?;
+        let mut inv = self.inner.scripts.set_stock.key(self.stock_key(sku));
+        inv.arg(available);
+        let span = tracing::debug_span!("reservation.set_stock", sku, available);
+        let reply = array(self.invoke("set_stock", &inv).instrument(span).await?)?;
+        parse_level(&reply, 0)
+    }
+
+    async fn adjust_stock(&self, sku: &str, delta: i64) -> Result<StockLevel, Error> {
+        check_sku(sku)?;
+        let mut inv = self.inner.scripts.adjust_stock.key(self.stock_key(sku));
+        inv.arg(delta).arg(sku);
+        let span = tracing::debug_span!("reservation.adjust_stock", sku, delta);
+        // A delta is not idempotent: a call that timed out may have applied, so it is
+        // never repeated automatically.
+        let reply = array(
+            self.invoke_with("adjust_stock", &inv, 1)
+                .instrument(span)
+                .await?,
+        )?;
+        match text(reply.first())?.as_str() {
+            "ok" => parse_level(&reply, 1),
+            "unknown_sku" => Err(Error::UnknownSku {
+                sku: sku.to_owned(),
+            }),
+            "insufficient" => Err(Error::InsufficientStock {
+                sku: sku.to_owned(),
+                requested: int(reply.get(2))?,
+                available: int(reply.get(3))?,
+            }),
+            other => Err(protocol(format!("adjust_stock replied {other:?}"))),
+        }
+    }
+
+    async fn reserve(
+        &self,
+        reservation_id: &str,
+        items: &[(&str, u64)],
+        ttl: Duration,
+    ) -> Result<Reservation, Error> {
+        check_id(reservation_id)?;
+        let ttl_ms = check_ttl(ttl)?;
+        let items = normalize_items(items)?;
+        let items_json = encode_items(&items)?;
+        let mut inv = self
+            .inner
+            .scripts
+            .reserve
+            .key(self.reservation_key(reservation_id));
+        inv.key(&self.inner.expiries_key);
+        for (sku, _) in &items {
+            inv.key(self.stock_key(sku));
+        }
+        inv.arg(reservation_id)
+            .arg(ttl_ms)
+            .arg(self.inner.retention_ms)
+            .arg(&self.inner.stock_prefix)
+            .arg(&items_json);
+        for (_, qty) in &items {
+            inv.arg(*qty);
+        }
+        let span = tracing::debug_span!("reservation.reserve", reservation_id, items = items.len());
+        let reply = array(self.invoke("reserve", &inv).instrument(span).await?)?;
+        match text(reply.first())?.as_str() {
+            "created" => Ok(Reservation {
+                id: reservation_id.to_owned(),
+                state: ReservationState::Held,
+                expires_at: from_unix_ms(int(reply.get(2))?),
+                items,
+            }),
+            "existing" => parse_reservation(reservation_id, &reply, 1)?
+                .ok_or_else(|| not_found(reservation_id)),
+            "conflict" => Err(Error::IdConflict {
+                reservation_id: reservation_id.to_owned(),
+            }),
+            "unknown_sku" => Err(Error::UnknownSku {
+                sku: text(reply.get(1))?,
+            }),
+            "insufficient" => Err(Error::InsufficientStock {
+                sku: text(reply.get(1))?,
+                requested: int(reply.get(2))?,
+                available: int(reply.get(3))?,
+            }),
+            other => Err(protocol(format!("reserve replied {other:?}"))),
+        }
+    }
+
+    async fn confirm(&self, reservation_id: &str) -> Result<Reservation, Error> {
+        check_id(reservation_id)?;
+        let mut inv = self
+            .inner
+            .scripts
+            .confirm
+            .key(self.reservation_key(reservation_id));
+        inv.key(&self.inner.expiries_key)
+            .arg(reservation_id)
+            .arg(self.inner.retention_ms)
+            .arg(&self.inner.stock_prefix);
+        let span = tracing::debug_span!("reservation.confirm", reservation_id);
+        let reply = array(self.invoke("confirm", &inv).instrument(span).await?)?;
+        let reservation = parse_reservation(reservation_id, &reply, 0)?
+            .ok_or_else(|| not_found(reservation_id))?;
+        let reservation_id = reservation_id.to_owned();
+        match reservation.state {
+            ReservationState::Confirmed => Ok(reservation),
+            ReservationState::Released => Err(Error::AlreadyReleased { reservation_id }),
+            _ => Err(Error::Expired { reservation_id }),
+        }
+    }
+
+    async fn release(&self, reservation_id: &str) -> Result<Reservation, Error> {
+        check_id(reservation_id)?;
+        let mut inv = self
+            .inner
+            .scripts
+            .release
+            .key(self.reservation_key(reservation_id));
+        inv.key(&self.inner.expiries_key)
+            .arg(reservation_id)
+            .arg(self.inner.retention_ms)
+            .arg(&self.inner.stock_prefix);
+        let span = tracing::debug_span!("reservation.release", reservation_id);
+        let reply = array(self.invoke("release", &inv).instrument(span).await?)?;
+        let reservation = parse_reservation(reservation_id, &reply, 0)?
+            .ok_or_else(|| not_found(reservation_id))?;
+        match reservation.state {
+            ReservationState::Confirmed => Err(Error::AlreadyConfirmed {
+                reservation_id: reservation_id.to_owned(),
+            }),
+            _ => Ok(reservation),
+        }
+    }
+
+    async fn stock(&self, sku: &str) -> Result<StockLevel, Error> {
+        check_sku(sku)?;
+        let key = self.stock_key(sku);
+        let mut delay = self.inner.retry_min_delay;
+        let mut attempt = 1;
+        let level: Vec<Option<u64>> = loop {
+            let mut conn = self.connection();
+            let result = redis::cmd("HMGET")
+                .arg(&key)
+                .arg(&["available", "held", "sold"])
+                .query_async(&mut conn)
+                .await;
+            match result {
+                Ok(level) => break level,
+                Err(e) if attempt < self.inner.max_attempts && is_retryable_redis(&e) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.inner.retry_max_delay);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        match level.as_slice() {
+            [Some(available), held, sold] => Ok(StockLevel::new(
+                *available,
+                held.unwrap_or(0),
+                sold.unwrap_or(0),
+            )),
+            _ => Err(Error::UnknownSku {
+                sku: sku.to_owned(),
+            }),
+        }
+    }
+
+    async fn reservation(&self, reservation_id: &str) -> Result<Option<Reservation>, Error> {
+        check_id(reservation_id)?;
+        let inv = self
+            .inner
+            .scripts
+            .reservation
+            .key(self.reservation_key(reservation_id));
+        let reply = array(self.invoke("reservation", &inv).await?)?;
+        parse_reservation(reservation_id, &reply, 0)
+    }
+
+    async fn reap_expired(&self, batch: usize) -> Result<usize, Error> {
+        if batch == 0 {
+            return Ok(0);
+        }
+        let mut inv = self.inner.scripts.reap.key(&self.inner.expiries_key);
+        inv.arg(batch)
+            .arg(&self.inner.res_prefix)
+            .arg(&self.inner.stock_prefix)
+            .arg(self.inner.retention_ms);
+        let span = tracing::debug_span!("reservation.reap_expired", batch);
+        let reaped = self.invoke("reap_expired", &inv).instrument(span).await?;
+        usize::try_from(int(Some(&reaped))?).map_err(protocol)
+    }
+}

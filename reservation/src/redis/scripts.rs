@@ -1,0 +1,51 @@
+//! The Lua scripts, one per operation, each prefixed with `lua/common.lua`.
+//!
+//! `redis::Script` computes the SHA1 once; `invoke_async` calls `EVALSHA` and, on
+//! `NOSCRIPT` (empty script cache after a restart or failover), loads the script and
+//! calls it again.
+
+use redis::Script;
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("../../lua/common.lua"),
+            include_str!(concat!("../../lua/", $file))
+        ))
+    };
+}
+
+/// Every script of the crate.
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) reserve: Script,
+    pub(crate) confirm: Script,
+    pub(crate) release: Script,
+    pub(crate) reap: Script,
+    pub(crate) set_stock: Script,
+    pub(crate) adjust_stock: Script,
+    pub(crate) reservation: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Self {
+            reserve: script!("reserve.lua"),
+            confirm: script!("confirm.lua"),
+            release: script!("release.lua"),
+            reap: script!("reap.lua"),
+            set_stock: script!("set_stock.lua"),
+            adjust_stock: script!("adjust_stock.lua"),
+            reservation: script!("reservation.lua"),
+        }
+    }
+}
+
+/// The source of the reserve script exactly as sent to Redis (for `SCRIPT LOAD` in
+/// benchmarks and tools).
+pub fn reserve_script_source() -> &'static str {
+    concat!(
+        include_str!("../../lua/common.lua"),
+        include_str!("../../lua/reserve.lua")
+    )
+}
