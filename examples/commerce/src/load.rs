@@ -359,7 +359,11 @@ impl std::fmt::Display for Report {
             "elapsed             {:.2?} (first POST to last terminal state)",
             self.elapsed
         )?;
-        writeln!(f, "throughput          {:.1} orders/s", self.orders_per_second)?;
+        writeln!(
+            f,
+            "throughput          {:.1} orders/s",
+            self.orders_per_second
+        )?;
         writeln!(
             f,
             "POST latency        p50 {:.1?}  p99 {:.1?}",

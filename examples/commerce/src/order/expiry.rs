@@ -55,11 +55,9 @@ impl ExpiryScheduler {
         let due = store::expired(&mut tx, chrono::Utc::now(), self.batch_size).await?;
         let mut expired = 0;
         for order in due {
+            // Release is idempotent and also reports a hold the reaper already expired.
             match service.reservations.release(&order.id.to_string()).await {
-                Ok(_)
-                | Err(
-                    ReservationError::Expired { .. } | ReservationError::AlreadyReleased { .. },
-                ) => {}
+                Ok(_) => {}
                 // The payment won the race; its handler moves the order to PAID.
                 Err(ReservationError::AlreadyConfirmed { .. }) => continue,
                 Err(error) => return Err(error.into()),

@@ -200,11 +200,9 @@ impl Participant for PaymentFailed {
         if order.status != OrderStatus::OrderReserved {
             return Ok(());
         }
-        match self.0.reservations.release(&order.id.to_string()).await {
-            // Released now, or already returned by the reaper: the stock is back either way.
-            Ok(_)
-            | Err(ReservationError::Expired { .. } | ReservationError::AlreadyReleased { .. }) => {}
-            Err(error) => return Err(reservation_failure(error)),
+        // Released now, before, or returned by the reaper at expiry: the stock is back.
+        if let Err(error) = self.0.reservations.release(&order.id.to_string()).await {
+            return Err(reservation_failure(error));
         }
         let reason = payment
             .reason
