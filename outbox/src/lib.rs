@@ -1,3 +1,167 @@
-//! Work in progress.
+//! Transactional outbox for PostgreSQL with an ordered, crash-safe relay to Kafka.
+//!
+//! **Delivery semantics: at least once, in commit order per key.** An event recorded in a
+//! transaction is published if and only if that transaction commits; a published event may
+//! be published again after a crash (consumers deduplicate by the `event-id` header, see
+//! `eventful-idempotency`).
+//!
+//! ```no_run
+//! use eventful_outbox::{CancellationToken, KafkaPublisher, NewEvent, Outbox, Relay};
+//!
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), eventful_outbox::Error> {
+//! let outbox = Outbox::new(); // table public.eventful_outbox
+//! outbox.migrate(&pool).await?;
+//!
+//! let mut tx = pool.begin().await?;
+//! // ... the service's own writes on `&mut *tx` ...
+//! let event = NewEvent::json("orders", "order-42", "OrderPlaced", &serde_json::json!({"total": 99}))?;
+//! outbox.record(&mut *tx, event).await?;
+//! tx.commit().await?; // the event exists if and only if this commits
+//!
+//! let cancel = CancellationToken::new();
+//! let relay = Relay::builder(pool.clone(), outbox, KafkaPublisher::new("127.0.0.1:9092")?)
+//!     .batch_size(500)
+//!     .build()?;
+//! let handle = relay.spawn(cancel.clone());
+//! // ... on shutdown:
+//! cancel.cancel();
+//! handle.await.ok();
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! Each is tested against the real PostgreSQL and the Kafka-protocol broker (`tests/`).
+//!
+//! 1. **Atomic with the business change.** [`Outbox::record`] writes into the caller's
+//!    transaction: a rolled-back transaction's events are never published, a committed
+//!    transaction's events are.
+//! 2. **Nothing lost.** A row is marked published only after the broker acknowledged it
+//!    (Kafka delivery report, `acks=all`, idempotent producer). A relay that dies between
+//!    the acknowledgement and the mark leaves the row pending; it is published again.
+//! 3. **Per-key commit order**, also with several relays and across relay crashes: for one
+//!    key, the first occurrences of events in the topic are in the order their transactions
+//!    committed.
+//! 4. **No concurrent double publishing between live relays, bounded takeover.** Each
+//!    partition is published by at most one relay holding a valid lease; a dead relay's
+//!    partitions are taken over after about `lease_ttl + lease_ttl/4` (default 12.5 s).
+//! 5. **Outages are ridden out.** Failed events are retried with exponential backoff and
+//!    jitter per key; events accumulate meanwhile and drain in order afterwards.
+//!
+//! # Design
+//!
+//! **Sequence order is not commit order** — a `BIGSERIAL` taken by a transaction that
+//! commits later may appear after a relay has looked past it. So:
+//!
+//! - `record` first takes a transaction-scoped advisory lock on the event key
+//!   (`pg_advisory_xact_lock(hash(table, key))`), then inserts. Two transactions recording
+//!   the same key serialize until the first commits, so **for one key, `seq` order is
+//!   commit order**. Different keys do not wait for each other (up to hash collisions of a
+//!   64-bit hash). `record_all` locks all its keys up front in a fixed order (no deadlock
+//!   between two `record_all` calls). The cost: a transaction that records key K holds K's
+//!   lock until it ends, so keep such transactions short.
+//! - The relay never keeps a "last seen seq" cursor. It selects pending rows by their state
+//!   (`published_at IS NULL`), oldest first, so a late-committing row is simply picked up by
+//!   a later batch — and by the lock above it cannot be *older* than a published row of its
+//!   own key.
+//!
+//! **Several relays.** Every row stores a key-hash partition (64 partitions, FNV-1a of the
+//! key). Relays lease partitions in `<table>_leases` (owner, epoch, expiry) and heartbeat in
+//! `<table>_relays`. Each relay renews its leases every `ttl/4` and rebalances towards
+//! `ceil(64 / live relays)` partitions, claiming free or expired leases
+//! (`FOR UPDATE SKIP LOCKED`) and releasing surplus ones only *between* batches. A batch
+//! selects rows only from partitions whose lease this relay holds with at least `ttl/4`
+//! left — checked in the same `SELECT`. So all events of one key are published by one relay
+//! at a time, and `SKIP LOCKED` races between relays cannot reorder a key. A crashed relay
+//! stops heartbeating; its leases expire after `ttl` and the survivors' next rebalance
+//! (within `ttl/4`) claims them.
+//!
+//! Should a relay stall for longer than its lease in the middle of a batch (a frozen VM), a
+//! survivor may take over and send the same events while the stalled sends complete: both
+//! send contiguous runs of a key's pending events in seq order starting at the oldest
+//! unmarked one, so the topic gets duplicates but the first occurrences stay in order.
+//! Marking is not fenced because it cannot be wrong: only acknowledged events are marked.
+//!
+//! **Head-of-key.** A batch contains, per key, a prefix of its pending events in seq order,
+//! excluding every key whose oldest pending event is waiting for a retry or is parked. After
+//! the publisher returns, rows are marked published only up to the first failure of their
+//! key; the failed row gets `attempts + 1`, `last_error` and `next_attempt_at` (backoff), or
+//! is parked after `max_attempts` (or at once on a permanent error). Later rows of that key
+//! stay pending and are sent after it. A parked event blocks only its own key; other keys
+//! flow. [`Outbox::parked`] lists parked events, [`Outbox::redrive`] re-queues them.
+//!
+//! **Batches.** The Kafka publisher starts every send of a batch and then awaits all the
+//! delivery reports, so a batch costs one round trip. Within a batch, once an event of a key
+//! cannot be enqueued, the later events of that key are not sent. For events already
+//! enqueued, per-key order within a batch rests on Kafka: same key, same partition, one
+//! idempotent producer (`enable.idempotence=true`, so librdkafka keeps a partition's
+//! sequence gap-free and in order across its internal retries). After a batch with failed
+//! deliveries the producer is replaced by a fresh one (new producer id), because a broker
+//! that lost the producer's sequence state during an outage may otherwise reject every later
+//! message.
+//!
+//! **Metrics.** [`Relay::metrics`] returns a [`RelayMetricsHandle`] whose snapshot has the
+//! counters `published`, `retried`, `parked`, `batches`, the partitions held, and the gauges
+//! `pending`, `parked_pending` and `oldest_pending_age` (refreshed every heartbeat);
+//! [`Outbox::stats`] answers the gauges on demand.
+//!
+//! **Wake-ups.** `record` issues `pg_notify` (delivered at commit); relays `LISTEN` and
+//! start a batch within milliseconds, and poll every `poll_interval` (default 1 s) in case a
+//! notification was lost.
+//!
+//! **Tracing.** Relays run in an `outbox.relay` span with one `outbox.relay.batch` span per
+//! batch. The W3C `traceparent` header: without an OpenTelemetry dependency the crate cannot
+//! read the current trace context, so it is either set per event
+//! ([`NewEvent::traceparent`]) or supplied by a function given to
+//! [`OutboxBuilder::traceparent_source`] (for example one that formats the current
+//! OpenTelemetry span context); `record` adds it to events that have none.
+//!
+//! # Failure modes
+//!
+//! | What fails | What happens |
+//! |---|---|
+//! | Caller's transaction rolls back | Its events vanish with it. |
+//! | Relay crashes before marking | Rows stay pending; re-published by the next owner (duplicates). |
+//! | Relay crashes holding leases | Partitions idle for at most ~`ttl + ttl/4`, then taken over. |
+//! | Broker down / slow | Deliveries time out (`message.timeout.ms`), events back off per key (100 ms … 30 s, jitter), the producer is replaced, the table grows, everything drains in order later. |
+//! | One event always fails | Parked after `max_attempts` (default 20); only its key waits; re-drive with [`Outbox::redrive`]. |
+//! | PostgreSQL down | Batches fail and are retried every second; leases may expire and move. |
+//! | LISTEN connection lost | Polling every `poll_interval` until it reconnects. |
+//! | Table growth | [`Retention`] deletes published rows older than `max_age` in bounded batches. |
+//!
+//! Known limits:
+//! - a transaction recording key K blocks other transactions recording K until it ends;
+//! - the number of partitions (64) is fixed by the schema;
+//! - per-key order inside one batch relies on the idempotent producer as described above:
+//!   should a broker acknowledge a later event of a key although an earlier one of the same
+//!   batch failed, the later one would appear in the topic before the earlier one's first
+//!   copy (the relay still re-sends both, in order). The in-memory publisher never does this.
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
+
+mod error;
+mod event;
+mod metrics;
+mod migrate;
+mod outbox;
+pub mod publisher;
+mod relay;
+mod retention;
+mod sql;
+
+pub use error::Error;
+pub use event::{NewEvent, OutboxRecord, CONTENT_TYPE_BYTES, CONTENT_TYPE_JSON, TRACEPARENT};
+pub use metrics::{RelayMetrics, RelayMetricsHandle};
+pub use outbox::{EventStatus, Outbox, OutboxBuilder, OutboxStats, ParkedEvent, TraceparentSource};
+#[cfg(feature = "kafka")]
+pub use publisher::kafka::{KafkaPublisher, KafkaPublisherBuilder};
+pub use publisher::memory::{InMemoryPublisher, PublishedMessage};
+pub use publisher::Publisher;
+pub use relay::{Relay, RelayBuilder};
+pub use retention::Retention;
+
+/// The token that stops a [`Relay`] or [`Retention`] task (re-exported from `tokio-util`).
+pub use tokio_util::sync::CancellationToken;
+
+/// The number of key-hash partitions relays share (fixed by the schema).
+pub const PARTITIONS: i32 = sql::PARTITIONS;

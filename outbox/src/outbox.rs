@@ -1,0 +1,446 @@
+//! [`Outbox`]: names the table, records events in the caller's transaction, migrates the
+//! schema, and answers operational queries (stats, parked events, re-drive, retention).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, Row as _};
+use uuid::Uuid;
+
+use crate::event::{NewEvent, TRACEPARENT};
+use crate::sql::{fnv1a64, Sql, PARTITIONS};
+use crate::Error;
+
+/// Supplies the W3C `traceparent` of the current context for events that carry none.
+pub type TraceparentSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The outbox table of one service: records events and answers operational queries.
+///
+/// Cheap to clone. [`Outbox::new`] uses `public.eventful_outbox`; [`Outbox::builder`] picks
+/// another schema / table so several services can share one database.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    sql: Sql,
+    traceparent: Option<TraceparentSource>,
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("schema", &self.inner.sql.schema)
+            .field("table", &self.inner.sql.table)
+            .field("traceparent_source", &self.inner.traceparent.is_some())
+            .finish()
+    }
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Builder for [`Outbox`]. Defaults: schema `public`, table `eventful_outbox`, no
+/// `traceparent` source.
+#[derive(Clone, Default)]
+pub struct OutboxBuilder {
+    schema: Option<String>,
+    table: Option<String>,
+    traceparent: Option<TraceparentSource>,
+}
+
+impl fmt::Debug for OutboxBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxBuilder")
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .finish()
+    }
+}
+
+impl OutboxBuilder {
+    /// The schema (default `public`). Created by [`Outbox::migrate`] when missing. Must be a
+    /// plain identifier: lowercase ASCII letters, digits and `_`, not starting with a digit.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// The table (default `eventful_outbox`). The lease and relay tables are named
+    /// `<table>_leases` and `<table>_relays`. Same identifier rules as [`Self::schema`].
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = Some(table.into());
+        self
+    }
+
+    /// A function returning the current W3C `traceparent` (for example from your
+    /// OpenTelemetry context); called by `record` for events without a `traceparent` header.
+    pub fn traceparent_source(
+        mut self,
+        source: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.traceparent = Some(Arc::new(source));
+        self
+    }
+
+    /// Validates the names and builds the [`Outbox`].
+    pub fn build(self) -> Result<Outbox, Error> {
+        let schema = self.schema.unwrap_or_else(|| "public".to_owned());
+        let table = self.table.unwrap_or_else(|| "eventful_outbox".to_owned());
+        validate_identifier(&schema)?;
+        validate_identifier(&table)?;
+        // `<table>_migrations` is the longest derived name.
+        if table.len() + "_migrations".len() > 63 {
+            return Err(Error::Config(format!(
+                "table name {table:?} is too long: at most 52 bytes"
+            )));
+        }
+        Ok(Outbox {
+            inner: Arc::new(Inner {
+                sql: Sql::new(&schema, &table),
+                traceparent: self.traceparent,
+            }),
+        })
+    }
+}
+
+fn validate_identifier(name: &str) -> Result<(), Error> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{name:?} is not a plain SQL identifier (lowercase letters, digits, _; at most 63 bytes)"
+        )))
+    }
+}
+
+/// Counts and ages of the outbox's unpublished events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxStats {
+    /// Unpublished events that are not parked.
+    pub pending: i64,
+    /// Parked events (waiting for [`Outbox::redrive`]).
+    pub parked: i64,
+    /// Age of the oldest unpublished, unparked event.
+    pub oldest_pending_age: Option<Duration>,
+}
+
+/// A parked event, as listed by [`Outbox::parked`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedEvent {
+    /// Event id.
+    pub id: Uuid,
+    /// Position in the table.
+    pub seq: i64,
+    /// Destination topic.
+    pub topic: String,
+    /// Ordering key; later events of this key wait until this one is re-driven.
+    pub key: String,
+    /// Event type.
+    pub event_type: String,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The last publish error.
+    pub last_error: Option<String>,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+    /// When it was parked.
+    pub parked_at: DateTime<Utc>,
+}
+
+/// Where one event stands, from [`Outbox::status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventStatus {
+    /// Not yet published; `attempts` failed attempts so far.
+    Pending {
+        /// Failed attempts so far.
+        attempts: i32,
+    },
+    /// Parked after failing; see [`Outbox::parked`].
+    Parked {
+        /// Failed attempts.
+        attempts: i32,
+        /// The last publish error.
+        last_error: Option<String>,
+    },
+    /// Acknowledged by the broker and marked.
+    Published {
+        /// When it was marked published.
+        at: DateTime<Utc>,
+        /// Failed attempts before it got through.
+        attempts: i32,
+    },
+}
+
+impl Outbox {
+    /// The outbox in `public.eventful_outbox`.
+    pub fn new() -> Outbox {
+        Outbox {
+            inner: Arc::new(Inner {
+                sql: Sql::new("public", "eventful_outbox"),
+                traceparent: None,
+            }),
+        }
+    }
+
+    /// A builder to choose the schema, the table and a `traceparent` source.
+    pub fn builder() -> OutboxBuilder {
+        OutboxBuilder::default()
+    }
+
+    pub(crate) fn sql(&self) -> &Sql {
+        &self.inner.sql
+    }
+
+    /// `schema.table` of the outbox table.
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", self.inner.sql.schema, self.inner.sql.table)
+    }
+
+    /// The `LISTEN` channel the relays wait on (notified by every `record` on commit).
+    pub fn channel(&self) -> &str {
+        &self.inner.sql.channel
+    }
+
+    /// Creates or upgrades the outbox tables (idempotent; safe to call from several
+    /// processes at once: the migration runs in one transaction under an advisory lock).
+    #[tracing::instrument(skip_all, fields(table = %self.qualified_table()))]
+    pub async fn migrate(&self, pool: &PgPool) -> Result<(), Error> {
+        crate::migrate::run(pool, &self.inner.sql).await
+    }
+
+    /// Records one event in the caller's transaction; returns its id.
+    ///
+    /// Pass `&mut *tx` for a `sqlx::Transaction<'_, Postgres>`. The event becomes visible to
+    /// the relay when, and only when, the transaction commits.
+    ///
+    /// Takes a transaction-scoped advisory lock on the event's key, so concurrent
+    /// transactions recording the same key serialize until commit: that is what makes seq
+    /// order equal commit order per key. Keep transactions that record events short, and
+    /// record keys in a consistent order if one transaction records several keys through
+    /// several calls (or use [`Outbox::record_all`], which locks them in a fixed order).
+    pub async fn record(&self, conn: &mut PgConnection, event: NewEvent) -> Result<Uuid, Error> {
+        let id = event.id;
+        self.record_all(conn, std::iter::once(event)).await?;
+        Ok(id)
+    }
+
+    /// Records several events in the caller's transaction, in the given order; returns their
+    /// ids. Events of the same key are published in this order.
+    #[tracing::instrument(skip_all, fields(table = %self.qualified_table(), events))]
+    pub async fn record_all(
+        &self,
+        conn: &mut PgConnection,
+        events: impl IntoIterator<Item = NewEvent> + Send,
+    ) -> Result<Vec<Uuid>, Error> {
+        let mut events: Vec<NewEvent> = events.into_iter().collect();
+        tracing::Span::current().record("events", events.len());
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(source) = &self.inner.traceparent {
+            let mut current: Option<Option<String>> = None;
+            for event in &mut events {
+                if !event.has_header(TRACEPARENT) {
+                    let value = current.get_or_insert_with(|| source()).clone();
+                    if let Some(value) = value {
+                        event.headers.push((TRACEPARENT.to_owned(), value));
+                    }
+                }
+            }
+        }
+        let sql = &self.inner.sql;
+        let mut locks: Vec<i64> = events
+            .iter()
+            .map(|e| sql.key_lock(&e.key))
+            .collect::<Vec<_>>();
+        locks.sort_unstable();
+        locks.dedup();
+        sqlx::query(&sql.lock_keys_and_notify)
+            .bind(&locks)
+            .bind(&sql.channel)
+            .execute(&mut *conn)
+            .await?;
+
+        let n = events.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut topics = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        let mut partitions = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut content_types = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        for e in events {
+            ids.push(e.id);
+            partitions.push(partition_of(&e.key));
+            topics.push(e.topic);
+            keys.push(e.key);
+            types.push(e.event_type);
+            payloads.push(e.payload);
+            content_types.push(e.content_type.to_owned());
+            headers.push(serde_json::to_string(&e.headers)?);
+        }
+        sqlx::query(&sql.insert)
+            .bind(&ids)
+            .bind(&topics)
+            .bind(&keys)
+            .bind(&partitions)
+            .bind(&types)
+            .bind(&payloads)
+            .bind(&content_types)
+            .bind(&headers)
+            .execute(&mut *conn)
+            .await?;
+        Ok(ids)
+    }
+
+    /// Pending / parked counts and the age of the oldest pending event.
+    pub async fn stats(&self, pool: &PgPool) -> Result<OutboxStats, Error> {
+        let row = sqlx::query(&self.inner.sql.stats).fetch_one(pool).await?;
+        let age_ms: Option<f64> = row.try_get("oldest_ms")?;
+        Ok(OutboxStats {
+            pending: row.try_get("pending")?,
+            parked: row.try_get("parked")?,
+            oldest_pending_age: age_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
+        })
+    }
+
+    /// The status of one event, or `None` if no such event is in the table (never recorded,
+    /// rolled back, or deleted by retention).
+    pub async fn status(&self, pool: &PgPool, id: Uuid) -> Result<Option<EventStatus>, Error> {
+        let row = sqlx::query(&self.inner.sql.status)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let attempts: i32 = row.try_get("attempts")?;
+        let published_at: Option<DateTime<Utc>> = row.try_get("published_at")?;
+        let parked_at: Option<DateTime<Utc>> = row.try_get("parked_at")?;
+        Ok(Some(match (published_at, parked_at) {
+            (Some(at), _) => EventStatus::Published { at, attempts },
+            (None, Some(_)) => EventStatus::Parked {
+                attempts,
+                last_error: row.try_get("last_error")?,
+            },
+            (None, None) => EventStatus::Pending { attempts },
+        }))
+    }
+
+    /// Parked events in seq order (at most `limit`).
+    pub async fn parked(&self, pool: &PgPool, limit: i64) -> Result<Vec<ParkedEvent>, Error> {
+        let rows = sqlx::query(&self.inner.sql.parked)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(ParkedEvent {
+                    id: row.try_get("id")?,
+                    seq: row.try_get("seq")?,
+                    topic: row.try_get("topic")?,
+                    key: row.try_get("key")?,
+                    event_type: row.try_get("event_type")?,
+                    attempts: row.try_get("attempts")?,
+                    last_error: row.try_get("last_error")?,
+                    created_at: row.try_get("created_at")?,
+                    parked_at: row.try_get("parked_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Un-parks one event: its attempts restart from zero and the relay publishes it (and
+    /// then the later events of its key) again. Returns `false` if it was not parked.
+    pub async fn redrive(&self, pool: &PgPool, id: Uuid) -> Result<bool, Error> {
+        let done = sqlx::query(&self.inner.sql.redrive)
+            .bind(id)
+            .bind(&self.inner.sql.channel)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Un-parks every parked event; returns how many.
+    pub async fn redrive_all(&self, pool: &PgPool) -> Result<u64, Error> {
+        let done = sqlx::query(&self.inner.sql.redrive_all)
+            .bind(&self.inner.sql.channel)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes at most `limit` events published more than `older_than` ago; returns how
+    /// many. [`Retention`](crate::Retention) calls this in a loop.
+    pub async fn delete_published(
+        &self,
+        pool: &PgPool,
+        older_than: Duration,
+        limit: i64,
+    ) -> Result<u64, Error> {
+        let done = sqlx::query(&self.inner.sql.delete_published)
+            .bind(older_than.as_secs_f64() * 1000.0)
+            .bind(limit)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// The key-hash partition (0..64) of a key: fixed for the life of the table.
+pub(crate) fn partition_of(key: &str) -> i32 {
+    (fnv1a64(key.as_bytes()) % PARTITIONS as u64) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_validated() {
+        assert!(Outbox::builder()
+            .schema("orders")
+            .table("outbox")
+            .build()
+            .is_ok());
+        for bad in ["", "Orders", "1abc", "a-b", "a\"b", "x; drop table y"] {
+            let err = Outbox::builder().table(bad).build().unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{bad:?}: {err}");
+            assert!(!err.is_retryable());
+        }
+        assert!(Outbox::builder().table("a".repeat(53)).build().is_err());
+    }
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        assert_eq!(partition_of("order-1"), partition_of("order-1"));
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            let p = partition_of(&format!("key-{i}"));
+            assert!((0..PARTITIONS).contains(&p));
+            seen.insert(p);
+        }
+        assert_eq!(seen.len(), PARTITIONS as usize, "all partitions are used");
+    }
+
+    #[test]
+    fn channels_differ_per_table() {
+        let a = Outbox::new();
+        let b = Outbox::builder().schema("orders").build().unwrap();
+        assert_ne!(a.channel(), b.channel());
+        assert!(a.channel().len() <= 63);
+    }
+}

@@ -1,0 +1,487 @@
+//! [`Relay`]: the background task that publishes recorded events and marks them published.
+
+mod backoff;
+mod lease;
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Row as _};
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::metrics::RelayMetricsHandle;
+use crate::{Error, Outbox, OutboxRecord, Publisher};
+use lease::Leases;
+
+/// Builder for [`Relay`]; see each method for its default.
+pub struct RelayBuilder {
+    pool: PgPool,
+    outbox: Outbox,
+    publisher: Arc<dyn Publisher>,
+    config: Config,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    batch_size: usize,
+    poll_interval: Duration,
+    lease_ttl: Duration,
+    max_attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    error_backoff: Duration,
+    listen: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(10),
+            max_attempts: 20,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            error_backoff: Duration::from_secs(1),
+            listen: true,
+        }
+    }
+}
+
+impl std::fmt::Debug for RelayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("outbox", &self.outbox)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl RelayBuilder {
+    /// Events fetched and handed to the publisher at once (default 500).
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.config.batch_size = batch_size;
+        self
+    }
+
+    /// Polling fallback: how long the relay waits for a notification before looking at the
+    /// table anyway (default 1 s). Bounds the delay after a lost notification.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// Lease time-to-live (default 10 s). A crashed relay's partitions are taken over after
+    /// at most about `ttl + ttl/4`; leases are renewed every `ttl/4`.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.lease_ttl = ttl;
+        self
+    }
+
+    /// Failed attempts after which an event is parked (default 20: with the default backoff
+    /// about 3 to 6 minutes of retry delays, plus the time each attempt takes — up to
+    /// `message.timeout.ms` when the broker does not answer).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.config.max_attempts = attempts;
+        self
+    }
+
+    /// Retry delays: `base · 2^(n-1)` capped at `max`, with jitter (defaults 100 ms, 30 s).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.backoff_base = base;
+        self.config.backoff_max = max;
+        self
+    }
+
+    /// Whether to `LISTEN` for new events (default `true`). With `false` the relay only
+    /// polls every [`poll_interval`](Self::poll_interval).
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.config.listen = listen;
+        self
+    }
+
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Relay, Error> {
+        let c = &self.config;
+        if c.batch_size == 0 || c.batch_size > 10_000 {
+            return Err(Error::Config("batch_size must be in 1..=10000".into()));
+        }
+        if c.lease_ttl < Duration::from_millis(400) {
+            return Err(Error::Config("lease_ttl must be at least 400 ms".into()));
+        }
+        if c.max_attempts == 0 {
+            return Err(Error::Config("max_attempts must be at least 1".into()));
+        }
+        if c.poll_interval.is_zero() || c.backoff_base.is_zero() || c.backoff_max < c.backoff_base {
+            return Err(Error::Config(
+                "poll_interval and backoff base must be > 0 and backoff max >= base".into(),
+            ));
+        }
+        Ok(Relay {
+            pool: self.pool,
+            outbox: self.outbox,
+            publisher: self.publisher,
+            config: self.config,
+            id: Uuid::new_v4(),
+            metrics: RelayMetricsHandle::default(),
+        })
+    }
+}
+
+/// Publishes the events of an [`Outbox`] through a [`Publisher`] and marks them published.
+///
+/// Run several relays on the same table for availability: they split the 64 key-hash
+/// partitions between them through leases (see the crate docs for the design).
+pub struct Relay {
+    pool: PgPool,
+    outbox: Outbox,
+    publisher: Arc<dyn Publisher>,
+    config: Config,
+    id: Uuid,
+    metrics: RelayMetricsHandle,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("id", &self.id)
+            .field("outbox", &self.outbox)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// What one batch did.
+struct BatchOutcome {
+    fetched: usize,
+    /// Earliest retry scheduled by this batch.
+    next_retry: Option<Duration>,
+}
+
+impl Relay {
+    /// A builder for a relay of `outbox` on `pool`, publishing through `publisher`.
+    pub fn builder(pool: PgPool, outbox: Outbox, publisher: impl Publisher) -> RelayBuilder {
+        RelayBuilder {
+            pool,
+            outbox,
+            publisher: Arc::new(publisher),
+            config: Config::default(),
+        }
+    }
+
+    /// This relay's id (the owner of its leases).
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// A handle on this relay's metrics, valid after [`spawn`](Self::spawn).
+    pub fn metrics(&self) -> RelayMetricsHandle {
+        self.metrics.clone()
+    }
+
+    /// Runs the relay on the tokio runtime until `cancel` fires.
+    pub fn spawn(self, cancel: CancellationToken) -> JoinHandle<Result<(), Error>> {
+        tokio::spawn(self.run(cancel))
+    }
+
+    /// Runs the relay until `cancel` fires: finishes the batch in flight, gives its leases
+    /// back (so other relays take over at once) and returns. Fails only if it cannot
+    /// register at start (for example when the table was not migrated).
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
+        let span = tracing::info_span!("outbox.relay", relay_id = %self.id, table = %self.outbox.qualified_table());
+        async move {
+            let leases = self.leases();
+            leases.heartbeat().await?;
+            leases.rebalance(&Mutex::new(())).await?;
+            let listener = if self.config.listen {
+                match self.listener().await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed; polling only");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let batch_lock = Mutex::new(());
+            let wake = Notify::new();
+            // One task, four loops: aborting the task stops the heartbeat too, so a killed
+            // relay's leases really expire.
+            tokio::select! {
+                () = self.work_loop(&cancel, &batch_lock, &wake) => {}
+                () = self.heartbeat_loop() => {}
+                () = self.rebalance_loop(&batch_lock, &wake) => {}
+                () = self.listen_loop(listener, &wake) => {}
+            }
+            if let Err(e) = leases.release_all().await {
+                tracing::warn!(error = %e, "could not release leases; they expire after the TTL");
+            }
+            tracing::info!("relay stopped");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn leases(&self) -> Leases<'_> {
+        Leases {
+            pool: &self.pool,
+            sql: self.outbox.sql(),
+            relay_id: self.id,
+            ttl: self.config.lease_ttl,
+            metrics: &self.metrics,
+        }
+    }
+
+    async fn listener(&self) -> Result<PgListener, Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(self.outbox.channel()).await?;
+        Ok(listener)
+    }
+
+    /// Fetch, publish, mark; then wait for a notification, a claimed partition, a due
+    /// retry or the polling interval.
+    async fn work_loop(&self, cancel: &CancellationToken, batch_lock: &Mutex<()>, wake: &Notify) {
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let outcome = {
+                let _guard = batch_lock.lock().await;
+                self.run_batch().await
+            };
+            let wait = match outcome {
+                Ok(o) if o.fetched >= self.config.batch_size => continue,
+                Ok(o) => o.next_retry.map_or(self.config.poll_interval, |d| {
+                    d.min(self.config.poll_interval)
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay batch failed");
+                    self.config.error_backoff
+                }
+            };
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Turns `NOTIFY`s into wake-ups. Runs on its own so a notification is never lost to a
+    /// cancelled receive; `Notify` keeps one permit, so notifications that arrive during a
+    /// batch coalesce into a single extra look at the table.
+    async fn listen_loop(&self, listener: Option<PgListener>, wake: &Notify) {
+        let Some(mut listener) = listener else {
+            return std::future::pending().await;
+        };
+        loop {
+            match listener.recv().await {
+                Ok(_) => wake.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                    wake.notify_one();
+                    tokio::time::sleep(self.config.error_backoff).await;
+                }
+            }
+        }
+    }
+
+    /// Renews this relay's leases every `ttl/4`, independently of batches in flight (a slow
+    /// broker must not make the leases lapse), and refreshes the gauges.
+    async fn heartbeat_loop(&self) {
+        let interval = self.config.lease_ttl / 4;
+        let leases = self.leases();
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::time::sleep(interval).await;
+            ticks += 1;
+            if let Err(e) = leases.heartbeat().await {
+                tracing::warn!(error = %e, "lease heartbeat failed");
+            }
+            if ticks % 4 == 1 {
+                match self.outbox.stats(&self.pool).await {
+                    Ok(s) => self
+                        .metrics
+                        .set_gauges(s.pending, s.parked, s.oldest_pending_age),
+                    Err(e) => tracing::debug!(error = %e, "stats query failed"),
+                }
+            }
+            if ticks % 40 == 0 {
+                if let Err(e) = leases.prune().await {
+                    tracing::debug!(error = %e, "pruning dead relays failed");
+                }
+            }
+        }
+    }
+
+    /// Claims or releases partitions every `ttl/4`; releases happen between batches (under
+    /// the batch lock), so a released partition never has a batch in flight.
+    async fn rebalance_loop(&self, batch_lock: &Mutex<()>, wake: &Notify) {
+        let interval = self.config.lease_ttl / 4;
+        let leases = self.leases();
+        loop {
+            tokio::time::sleep(interval).await;
+            match leases.rebalance(batch_lock).await {
+                Ok(n) if n > 0 => wake.notify_one(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "lease rebalance failed"),
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Vec<OutboxRecord>, Error> {
+        let sql = self.outbox.sql();
+        // Only partitions whose lease has at least ttl/4 left: one renewal interval, so a
+        // heartbeat that is late by up to half the TTL does not stall publishing.
+        let margin_ms = self.config.lease_ttl.as_secs_f64() * 1000.0 / 4.0;
+        let rows = sqlx::query(&sql.fetch)
+            .bind(self.id)
+            .bind(margin_ms)
+            .bind(self.config.batch_size as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let headers: String = row.try_get("headers")?;
+                Ok(OutboxRecord {
+                    seq: row.try_get("seq")?,
+                    id: row.try_get("id")?,
+                    topic: row.try_get("topic")?,
+                    key: row.try_get("key")?,
+                    event_type: row.try_get("event_type")?,
+                    payload: row.try_get("payload")?,
+                    content_type: row.try_get("content_type")?,
+                    headers: serde_json::from_str(&headers)?,
+                    created_at: row.try_get("created_at")?,
+                    attempts: row.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn run_batch(&self) -> Result<BatchOutcome, Error> {
+        let fetch_started = std::time::Instant::now();
+        let records = self.fetch().await?;
+        let fetch_ms = fetch_started.elapsed().as_millis() as u64;
+        if records.is_empty() {
+            return Ok(BatchOutcome {
+                fetched: 0,
+                next_retry: None,
+            });
+        }
+        let span = tracing::info_span!(
+            "outbox.relay.batch",
+            events = records.len(),
+            published = tracing::field::Empty,
+            failed = tracing::field::Empty,
+        );
+        self.publish_and_mark(records, fetch_ms)
+            .instrument(span)
+            .await
+    }
+
+    async fn publish_and_mark(
+        &self,
+        records: Vec<OutboxRecord>,
+        fetch_ms: u64,
+    ) -> Result<BatchOutcome, Error> {
+        let counters = &self.metrics.counters;
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let results = self.publisher.publish_batch(&records).await;
+        let publish_time = started.elapsed();
+
+        let mut failed_keys: HashSet<&str> = HashSet::new();
+        let mut published: Vec<i64> = Vec::new();
+        let (mut f_seq, mut f_err, mut f_delay, mut f_park) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut next_retry: Option<Duration> = None;
+        let mut results = results.into_iter();
+        for record in &records {
+            let result = results.next().unwrap_or_else(|| {
+                Err(Error::PublishRetryable(
+                    "the publisher returned fewer results than events".into(),
+                ))
+            });
+            if failed_keys.contains(record.key.as_str()) {
+                // An earlier event of this key failed: whatever happened to this one, it is
+                // not marked and goes out again after the earlier one.
+                continue;
+            }
+            match result {
+                Ok(()) => published.push(record.seq),
+                Err(error) => {
+                    failed_keys.insert(&record.key);
+                    let attempts = u32::try_from(record.attempts).unwrap_or(0) + 1;
+                    let park = !error.is_retryable() || attempts >= self.config.max_attempts;
+                    let delay =
+                        backoff::delay(self.config.backoff_base, self.config.backoff_max, attempts);
+                    if park {
+                        tracing::warn!(event_id = %record.id, key = %record.key, attempts, %error, "parking event");
+                    } else {
+                        tracing::debug!(event_id = %record.id, key = %record.key, attempts, %error, ?delay, "publish failed; will retry");
+                        next_retry = Some(next_retry.map_or(delay, |d| d.min(delay)));
+                    }
+                    f_seq.push(record.seq);
+                    f_err.push(error.to_string());
+                    f_delay.push(delay.as_secs_f64() * 1000.0);
+                    f_park.push(park);
+                }
+            }
+        }
+
+        let sql = self.outbox.sql();
+        let mut tx = self.pool.begin().await?;
+        if !published.is_empty() {
+            sqlx::query(&sql.mark_published)
+                .bind(&published)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !f_seq.is_empty() {
+            sqlx::query(&sql.mark_failed)
+                .bind(&f_seq)
+                .bind(&f_err)
+                .bind(&f_delay)
+                .bind(&f_park)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+
+        let parked = f_park.iter().filter(|p| **p).count() as u64;
+        counters
+            .published
+            .fetch_add(published.len() as u64, Ordering::Relaxed);
+        counters.parked.fetch_add(parked, Ordering::Relaxed);
+        counters
+            .retried
+            .fetch_add(f_seq.len() as u64 - parked, Ordering::Relaxed);
+        let span = tracing::Span::current();
+        span.record("published", published.len());
+        span.record("failed", f_seq.len());
+        tracing::debug!(
+            events = records.len(),
+            published = published.len(),
+            failed = f_seq.len(),
+            fetch_ms,
+            publish_ms = publish_time.as_millis() as u64,
+            mark_ms = (started.elapsed() - publish_time).as_millis() as u64,
+            "batch done"
+        );
+        Ok(BatchOutcome {
+            fetched: records.len(),
+            next_retry,
+        })
+    }
+}

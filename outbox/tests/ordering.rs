@@ -1,0 +1,182 @@
+//! Guarantee 3: per-key commit order on the topic with three relays running concurrently
+//! on the same table, across a relay crash, with concurrent writers and rollbacks.
+// `&mut *tx` is the documented way to hand a transaction to `record`.
+#![allow(clippy::explicit_auto_deref)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventful_outbox::{KafkaPublisher, NewEvent, Relay};
+use eventful_test_support::{kafka, wait_until, TansuBroker};
+use rand::Rng as _;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serial_three_relays_keep_per_key_commit_order_across_a_crash() {
+    let (db, outbox) = common::setup().await;
+    // The commit-order witness: a per-key counter incremented in the same transaction, after
+    // the event is recorded. Its row lock is held until commit, so `n` follows the commit
+    // order of same-key transactions.
+    sqlx::query("CREATE TABLE counters (key TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A private broker: this test must not depend on other traffic on the shared one.
+    let broker = TansuBroker::start().await;
+    let brokers = broker.brokers();
+    let topic = format!("outbox-{}", Uuid::new_v4().simple());
+    kafka::create_topic_on(&brokers, &topic, 4).await;
+    let lease_ttl = Duration::from_millis(1500);
+    let relay = |cancel: CancellationToken| {
+        let relay = Relay::builder(
+            db.pool.clone(),
+            outbox.clone(),
+            KafkaPublisher::new(&brokers).unwrap(),
+        )
+        .batch_size(40)
+        .lease_ttl(lease_ttl)
+        .build()
+        .unwrap();
+        let metrics = relay.metrics();
+        (relay.spawn(cancel), metrics)
+    };
+    let cancel = CancellationToken::new();
+    let (doomed, _) = relay(CancellationToken::new());
+    let (r2, m2) = relay(cancel.clone());
+    let (r3, m3) = relay(cancel.clone());
+
+    let committed: Arc<Mutex<Vec<(String, i64, Uuid)>>> = Arc::default();
+    let rolled_back = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let pool = db.pool.clone();
+            let outbox = outbox.clone();
+            let committed = committed.clone();
+            let rolled_back = rolled_back.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                for _ in 0..60 {
+                    let (key, events, rollback) = {
+                        let mut rng = rand::rng();
+                        (
+                            format!("key-{}", rng.random_range(0..12)),
+                            rng.random_range(1..=2),
+                            rng.random_bool(0.2),
+                        )
+                    };
+                    let mut tx = pool.begin().await.unwrap();
+                    let mut mine = Vec::new();
+                    for _ in 0..events {
+                        // Record first, then bump the witness: without the outbox's key lock,
+                        // two transactions could take seqs in one order and commit in the
+                        // other, and a relay seeing both would publish them in seq order.
+                        let placeholder = NewEvent::json(
+                            &topic,
+                            &key,
+                            "Counted",
+                            &serde_json::json!({"writer": w}),
+                        )
+                        .unwrap();
+                        let id = outbox.record(&mut *tx, placeholder).await.unwrap();
+                        let pause = rand::rng().random_range(0..3u64);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        let n: i64 = sqlx::query_scalar(
+                            "INSERT INTO counters (key, n) VALUES ($1, 1) \
+                             ON CONFLICT (key) DO UPDATE SET n = counters.n + 1 RETURNING n",
+                        )
+                        .bind(&key)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .unwrap();
+                        mine.push((key.clone(), n, id));
+                    }
+                    if rollback {
+                        tx.rollback().await.unwrap();
+                        rolled_back.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        tx.commit().await.unwrap();
+                        committed.lock().unwrap().extend(mine);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Crash one relay in the middle of the traffic, then start a replacement.
+    wait_until(
+        "a third of the traffic is committed",
+        Duration::from_secs(60),
+        || async { committed.lock().unwrap().len() >= 200 },
+    )
+    .await;
+    doomed.abort();
+    assert!(doomed.await.unwrap_err().is_cancelled());
+    let (r4, m4) = relay(cancel.clone());
+
+    for w in writers {
+        w.await.unwrap();
+    }
+    let committed = committed.lock().unwrap().clone();
+    assert!(rolled_back.load(Ordering::Relaxed) > 0);
+    let mut expected: HashMap<String, Vec<(i64, Uuid)>> = HashMap::new();
+    for (key, n, id) in &committed {
+        expected.entry(key.clone()).or_default().push((*n, *id));
+    }
+    let expected: HashMap<String, Vec<Uuid>> = expected
+        .into_iter()
+        .map(|(key, mut v)| {
+            v.sort();
+            // No gaps: rolled-back increments were rolled back too.
+            assert!(
+                v.iter().enumerate().all(|(i, (n, _))| *n == i as i64 + 1),
+                "{key}: {v:?}"
+            );
+            (key, v.into_iter().map(|(_, id)| id).collect())
+        })
+        .collect();
+
+    wait_until(
+        "every committed event is marked published",
+        Duration::from_secs(60),
+        || async { common::published_count(&db).await == committed.len() as i64 },
+    )
+    .await;
+    assert_eq!(
+        common::row_count(&db).await,
+        committed.len() as i64,
+        "rolled-back events never stored"
+    );
+    let all: HashSet<Uuid> = committed.iter().map(|(_, _, id)| *id).collect();
+    let messages = common::read_topic(
+        &brokers,
+        &topic,
+        &all,
+        Duration::from_secs(60),
+        Some(Duration::from_secs(1)),
+    )
+    .await;
+    common::assert_first_occurrences_in_commit_order(&messages, &expected);
+    // The three live relays share the partitions.
+    wait_until(
+        "partitions are spread over the live relays",
+        Duration::from_secs(10),
+        || async {
+            let parts = [
+                m2.snapshot().partitions,
+                m3.snapshot().partitions,
+                m4.snapshot().partitions,
+            ];
+            parts.iter().sum::<u64>() == 64 && parts.iter().all(|p| *p > 0)
+        },
+    )
+    .await;
+    cancel.cancel();
+    for r in [r2, r3, r4] {
+        r.await.unwrap().unwrap();
+    }
+}

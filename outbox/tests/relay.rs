@@ -1,0 +1,388 @@
+//! Relay behaviour with the in-memory publisher against the real PostgreSQL: parking,
+//! re-drive, backoff, retention, metrics, shutdown.
+// `&mut *tx` is the documented way to hand a transaction to `record`.
+#![allow(clippy::explicit_auto_deref)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use eventful_outbox::{Error, EventStatus, InMemoryPublisher, NewEvent, Outbox, Relay, Retention};
+use eventful_test_support::{wait_until, TestDatabase};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+async fn record(db: &TestDatabase, outbox: &Outbox, key: &str, payload: &str) -> Uuid {
+    let mut tx = db.pool.begin().await.unwrap();
+    let event = NewEvent::bytes("t", key, "E", payload.as_bytes().to_vec());
+    let id = outbox.record(&mut *tx, event).await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+/// A poisoned event is parked at once on a permanent error; later events of its key wait,
+/// other keys flow; after re-drive the key drains in order.
+#[tokio::test]
+async fn parked_event_blocks_only_its_key_until_redriven() {
+    let (db, outbox) = common::setup().await;
+    let publisher = InMemoryPublisher::new();
+    publisher.fail_when(|r| {
+        (r.payload == b"poison").then(|| Error::PublishPermanent("rejected by the broker".into()))
+    });
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .build()
+        .unwrap();
+    let metrics = relay.metrics();
+    let handle = relay.spawn(cancel.clone());
+
+    let bad1 = record(&db, &outbox, "bad", "b1").await;
+    let poison = record(&db, &outbox, "bad", "poison").await;
+    let bad3 = record(&db, &outbox, "bad", "b3").await;
+    let mut good = Vec::new();
+    for i in 0..20 {
+        good.push(record(&db, &outbox, &format!("good-{}", i % 4), &format!("g{i}")).await);
+    }
+    // The publisher stores a message before the relay marks it and counts it: wait for both.
+    wait_until(
+        "good keys and the first bad event are published and marked",
+        Duration::from_secs(10),
+        || async {
+            let m = metrics.snapshot();
+            publisher.len() == 21 && m.published == 21 && m.parked == 1
+        },
+    )
+    .await;
+    let parked = outbox.parked(&db.pool, 10).await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].id, poison);
+    assert_eq!(parked[0].key, "bad");
+    assert_eq!(parked[0].attempts, 1);
+    assert!(parked[0]
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("rejected by the broker"));
+    assert_eq!(
+        outbox.status(&db.pool, bad3).await.unwrap(),
+        Some(EventStatus::Pending { attempts: 0 })
+    );
+    // More events of the blocked key still wait; other keys still flow.
+    let bad4 = record(&db, &outbox, "bad", "b4").await;
+    let late = record(&db, &outbox, "good-0", "late").await;
+    wait_until(
+        "a later good event is published",
+        Duration::from_secs(10),
+        || async { publisher.messages().iter().any(|m| m.event_id == late) },
+    )
+    .await;
+    assert!(!publisher
+        .messages()
+        .iter()
+        .any(|m| m.event_id == bad4 || m.event_id == bad3));
+
+    publisher.stop_failing();
+    assert!(outbox.redrive(&db.pool, poison).await.unwrap());
+    assert!(
+        !outbox.redrive(&db.pool, poison).await.unwrap(),
+        "no longer parked"
+    );
+    wait_until("the bad key drains", Duration::from_secs(10), || async {
+        publisher.len() == 25
+    })
+    .await;
+    let bad: Vec<Uuid> = publisher
+        .messages()
+        .iter()
+        .filter(|m| m.key == "bad")
+        .map(|m| m.event_id)
+        .collect();
+    assert_eq!(bad, vec![bad1, poison, bad3, bad4]);
+    assert!(outbox.parked(&db.pool, 10).await.unwrap().is_empty());
+    let _ = good;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// Retryable failures back off exponentially (no busy loop) and park after `max_attempts`.
+#[tokio::test]
+async fn retryable_failures_back_off_then_park_after_max_attempts() {
+    let (db, outbox) = common::setup().await;
+    let publisher = InMemoryPublisher::new();
+    publisher
+        .fail_when(|r| (r.key == "flaky").then(|| Error::PublishRetryable("broker busy".into())));
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .max_attempts(5)
+        .backoff(Duration::from_millis(100), Duration::from_secs(10))
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let metrics = relay.metrics();
+    let handle = relay.spawn(cancel.clone());
+    let started = Instant::now();
+    let flaky = record(&db, &outbox, "flaky", "x").await;
+    let flaky2 = record(&db, &outbox, "flaky", "y").await;
+    wait_until(
+        "the flaky event is parked",
+        Duration::from_secs(20),
+        || async {
+            // Counters are bumped right after the marking transaction commits.
+            metrics.snapshot().parked == 1
+                && matches!(
+                    outbox.status(&db.pool, flaky).await.unwrap(),
+                    Some(EventStatus::Parked { .. })
+                )
+        },
+    )
+    .await;
+    let elapsed = started.elapsed();
+    // Delays after failures 1..4 are at least 50, 100, 200, 400 ms (half of 100·2^(n-1)).
+    assert!(
+        elapsed >= Duration::from_millis(750),
+        "parked after {elapsed:?}: no backoff"
+    );
+    match outbox.status(&db.pool, flaky).await.unwrap() {
+        Some(EventStatus::Parked {
+            attempts,
+            last_error,
+        }) => {
+            assert_eq!(attempts, 5);
+            assert!(last_error.unwrap().contains("broker busy"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The second event of the key was never counted as an attempt.
+    assert_eq!(
+        outbox.status(&db.pool, flaky2).await.unwrap(),
+        Some(EventStatus::Pending { attempts: 0 })
+    );
+    let m = metrics.snapshot();
+    assert_eq!((m.retried, m.parked, m.published), (4, 1, 0));
+    // With a 50 ms poll, a busy loop would make dozens of calls.
+    assert!(
+        publisher.batches() <= 6,
+        "{} publish calls",
+        publisher.batches()
+    );
+    let stats = outbox.stats(&db.pool).await.unwrap();
+    assert_eq!((stats.pending, stats.parked), (1, 1));
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_only_old_published_rows_in_bounded_batches() {
+    let (db, outbox) = common::setup().await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(record(&db, &outbox, &format!("k{i}"), "x").await);
+    }
+    // 23 published long ago, 4 published just now, 3 never published.
+    sqlx::query(
+        "UPDATE eventful_outbox SET published_at = now() - interval '2 days' WHERE id = ANY($1)",
+    )
+    .bind(&ids[..23])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE eventful_outbox SET published_at = now() WHERE id = ANY($1)")
+        .bind(&ids[23..27])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox
+            .delete_published(&db.pool, Duration::from_secs(86_400), 5)
+            .await
+            .unwrap(),
+        5
+    );
+    let retention = Retention::new(db.pool.clone(), outbox.clone())
+        .max_age(Duration::from_secs(86_400))
+        .batch_size(5);
+    assert_eq!(retention.run_once().await.unwrap(), 18);
+    assert_eq!(retention.run_once().await.unwrap(), 0);
+    for id in &ids[..23] {
+        assert_eq!(outbox.status(&db.pool, *id).await.unwrap(), None);
+    }
+    for id in &ids[23..27] {
+        assert!(matches!(
+            outbox.status(&db.pool, *id).await.unwrap(),
+            Some(EventStatus::Published { .. })
+        ));
+    }
+    for id in &ids[27..] {
+        assert!(matches!(
+            outbox.status(&db.pool, *id).await.unwrap(),
+            Some(EventStatus::Pending { .. })
+        ));
+    }
+    // The background task does the same on its own.
+    sqlx::query(
+        "UPDATE eventful_outbox SET published_at = now() - interval '2 days' WHERE id = ANY($1)",
+    )
+    .bind(&ids[23..27])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let task = retention
+        .interval(Duration::from_millis(50))
+        .spawn(cancel.clone());
+    wait_until(
+        "retention deleted the rest",
+        Duration::from_secs(10),
+        || async { common::row_count(&db).await == 3 },
+    )
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn stats_and_metrics_report_pending_published_and_oldest_age() {
+    let (db, outbox) = common::setup().await;
+    for i in 0..12 {
+        record(&db, &outbox, &format!("k{}", i % 3), "x").await;
+    }
+    wait_until(
+        "the oldest event has aged",
+        Duration::from_secs(5),
+        || async {
+            outbox
+                .stats(&db.pool)
+                .await
+                .unwrap()
+                .oldest_pending_age
+                .unwrap_or_default()
+                >= Duration::from_millis(100)
+        },
+    )
+    .await;
+    let stats = outbox.stats(&db.pool).await.unwrap();
+    assert_eq!((stats.pending, stats.parked), (12, 0));
+    let publisher = InMemoryPublisher::new();
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .lease_ttl(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    let metrics = relay.metrics();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "everything is published and the gauges refreshed",
+        Duration::from_secs(10),
+        || async {
+            let m = metrics.snapshot();
+            m.published == 12 && m.pending == 0 && m.batches >= 1 && m.partitions == 64
+        },
+    )
+    .await;
+    let stats = outbox.stats(&db.pool).await.unwrap();
+    assert_eq!((stats.pending, stats.oldest_pending_age), (0, None));
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// On cancellation a relay finishes, gives its leases back, and another relay takes over at
+/// once (far sooner than the lease TTL).
+#[tokio::test]
+async fn graceful_shutdown_releases_leases_for_immediate_takeover() {
+    let (db, outbox) = common::setup().await;
+    let first = InMemoryPublisher::new();
+    let cancel_a = CancellationToken::new();
+    let relay_a = Relay::builder(db.pool.clone(), outbox.clone(), first.clone())
+        .lease_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let metrics_a = relay_a.metrics();
+    let handle_a = relay_a.spawn(cancel_a.clone());
+    wait_until(
+        "A holds every partition",
+        Duration::from_secs(10),
+        || async { metrics_a.snapshot().partitions == 64 },
+    )
+    .await;
+    record(&db, &outbox, "k", "before").await;
+    wait_until("A published", Duration::from_secs(10), || async {
+        first.len() == 1
+    })
+    .await;
+    cancel_a.cancel();
+    handle_a.await.unwrap().unwrap();
+    let owned: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM eventful_outbox_leases WHERE owner IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(owned, 0);
+
+    let second = InMemoryPublisher::new();
+    let cancel_b = CancellationToken::new();
+    let started = Instant::now();
+    let handle_b = Relay::builder(db.pool.clone(), outbox.clone(), second.clone())
+        .lease_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .spawn(cancel_b.clone());
+    record(&db, &outbox, "k", "after").await;
+    wait_until("B published", Duration::from_secs(10), || async {
+        second.len() == 1
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "takeover took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(first.len(), 1);
+    cancel_b.cancel();
+    handle_b.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn relay_fails_at_start_on_an_unmigrated_database_and_rejects_bad_config() {
+    eventful_test_support::init_tracing();
+    let db = TestDatabase::create().await;
+    let result = Relay::builder(db.pool.clone(), Outbox::new(), InMemoryPublisher::new())
+        .build()
+        .unwrap()
+        .run(CancellationToken::new())
+        .await;
+    assert!(matches!(result, Err(Error::Database(_))), "{result:?}");
+    let bad = Relay::builder(db.pool.clone(), Outbox::new(), InMemoryPublisher::new())
+        .batch_size(0)
+        .build();
+    assert!(matches!(bad, Err(Error::Config(_))));
+    let bad = Relay::builder(db.pool.clone(), Outbox::new(), InMemoryPublisher::new())
+        .lease_ttl(Duration::from_millis(10))
+        .build();
+    assert!(matches!(bad, Err(Error::Config(_))));
+}
+
+/// Without notifications (as after a lost NOTIFY), the polling fallback still publishes.
+#[tokio::test]
+async fn polling_fallback_publishes_without_notifications() {
+    let (db, outbox) = common::setup().await;
+    let publisher = InMemoryPublisher::new();
+    let cancel = CancellationToken::new();
+    let handle = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .listen(false)
+        .poll_interval(Duration::from_millis(200))
+        .build()
+        .unwrap()
+        .spawn(cancel.clone());
+    let ids = [
+        record(&db, &outbox, "k", "1").await,
+        record(&db, &outbox, "k", "2").await,
+    ];
+    wait_until("polling publishes", Duration::from_secs(10), || async {
+        publisher.len() == 2
+    })
+    .await;
+    let got: Vec<Uuid> = publisher.messages().iter().map(|m| m.event_id).collect();
+    assert_eq!(got, ids);
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
