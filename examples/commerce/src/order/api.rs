@@ -4,18 +4,22 @@ use std::collections::BTreeSet;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use eventful_idempotency::http::IDEMPOTENCY_KEY;
 use eventful_idempotency::IdempotencyLayer;
 use eventful_reservation::Error as ReservationError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::request::parse_orders;
+use super::request::{is_valid_sku, parse_orders};
 use super::{store, OrderService};
 use crate::http::ApiError;
+
+/// Namespace of order ids derived from an `Idempotency-Key` (UUIDv5).
+const ORDER_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_7a52_2a4e_4a39_9c1e_0b3d_55e4_7a10);
 
 /// `POST /orders`, `GET /orders/{id}`, `PUT|GET /stock/{sku}`.
 pub fn routes(service: OrderService) -> Router {
@@ -32,6 +36,7 @@ pub fn routes(service: OrderService) -> Router {
 /// Creates the orders whose stock can be held; answers `201` with their ids.
 async fn create_orders(
     State(service): State<OrderService>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Vec<Uuid>>), ApiError> {
     let orders = parse_orders(&body, &service.limits)?;
@@ -52,9 +57,19 @@ async fn create_orders(
             Err(error) => return Err(ApiError::internal(error)),
         }
     }
+    // With an Idempotency-Key the ids derive from it, so a retry after a failure midway
+    // finds the orders already placed instead of placing them twice.
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
     let mut created = Vec::with_capacity(orders.len());
-    for order in &orders {
-        if let Some(order) = service.place(order).await? {
+    for (index, order) in orders.iter().enumerate() {
+        let id = match &key {
+            Some(key) => Uuid::new_v5(&ORDER_ID_NAMESPACE, format!("{key}/{index}").as_bytes()),
+            None => Uuid::now_v7(),
+        };
+        if let Some(order) = service.place(id, order).await? {
             created.push(order.id);
         }
     }
@@ -113,8 +128,11 @@ async fn set_stock(
         .map_err(|e| ApiError::bad_request(format!(r#"expected {{"available": <n>}}: {e}"#)))?;
     let available = u64::try_from(request.available)
         .map_err(|_| ApiError::unprocessable("invalid_stock", "available must not be negative"))?;
-    if sku.trim().is_empty() || sku.len() > 64 {
-        return Err(ApiError::unprocessable("invalid_sku", "bad sku"));
+    if !is_valid_sku(&sku) {
+        return Err(ApiError::unprocessable(
+            "invalid_sku",
+            format!("bad sku {sku:?}: 1 to 64 characters, no white space"),
+        ));
     }
     let level = service
         .reservations

@@ -23,11 +23,12 @@ pub fn participant<P: Participant>(service: &OrderService, handler: P) -> Partic
 }
 
 impl OrderService {
-    /// Holds stock for `order` and records it with its `ORDER_RESERVED` event.
+    /// Holds stock for `order` under id `id` and records it with its `ORDER_RESERVED` event.
     ///
-    /// `Ok(None)` when the stock is short: the order is left out, nothing is written.
-    pub async fn place(&self, order: &NewOrder) -> Result<Option<Order>, ApiError> {
-        let id = Uuid::now_v7();
+    /// `Ok(None)` when the stock is short: the order is left out, nothing is written. Placing
+    /// the same id again returns the order placed the first time (both steps are idempotent),
+    /// which is what makes a retried `POST /orders` with an `Idempotency-Key` safe.
+    pub async fn place(&self, id: Uuid, order: &NewOrder) -> Result<Option<Order>, ApiError> {
         let items: Vec<(&str, u64)> = order
             .items
             .iter()
@@ -41,6 +42,12 @@ impl OrderService {
         {
             Ok(reservation) => reservation,
             Err(ReservationError::InsufficientStock { .. }) => return Ok(None),
+            Err(ReservationError::IdConflict { .. }) => {
+                return Err(ApiError::unprocessable(
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for different orders",
+                ))
+            }
             Err(ReservationError::UnknownSku { sku, .. }) => {
                 return Err(ApiError::unprocessable(
                     "unknown_sku",
@@ -69,7 +76,7 @@ impl OrderService {
         expires_at: chrono::DateTime<chrono::Utc>,
     ) -> anyhow::Result<Order> {
         let mut tx = self.base.pool.begin().await?;
-        let created = store::insert(
+        let Some(created) = store::insert(
             &mut tx,
             id,
             order.user_id,
@@ -77,7 +84,13 @@ impl OrderService {
             &order.items,
             expires_at,
         )
-        .await?;
+        .await?
+        else {
+            // Placed before (a retried request): no second event.
+            return store::find(&mut tx, id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("order {id} vanished"));
+        };
         let event = self.order_event(&created, events::ORDER_RESERVED, None)?;
         self.base.outbox.record(&mut tx, event).await?;
         tx.commit().await?;
@@ -167,8 +180,13 @@ impl Participant for PaymentApproved {
                 )
                 .await
             }
-            // The reservation expired first: the order ends expired and payment refunds.
-            Err(ReservationError::Expired { .. } | ReservationError::AlreadyReleased { .. }) => {
+            // The reservation expired (or was lost with Redis data) first: the order ends
+            // expired and payment refunds.
+            Err(
+                ReservationError::Expired { .. }
+                | ReservationError::AlreadyReleased { .. }
+                | ReservationError::ReservationNotFound { .. },
+            ) => {
                 apply(
                     &self.0,
                     cx,

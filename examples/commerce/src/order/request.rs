@@ -57,6 +57,11 @@ struct RawItem {
     quantity: i64,
 }
 
+/// A SKU is 1 to 64 characters without white space.
+pub fn is_valid_sku(sku: &str) -> bool {
+    !sku.is_empty() && sku.len() <= 64 && !sku.contains(char::is_whitespace)
+}
+
 /// Parses the reference API's body: a JSON array of `{"userId", "totalAmount", "items"?}`.
 ///
 /// Malformed JSON is a 400; a well-formed body with an unacceptable value is a 422 naming the
@@ -114,7 +119,7 @@ fn validate(index: usize, raw: RawOrder, limits: &RequestLimits) -> Result<NewOr
     for (line, item) in raw_items.into_iter().enumerate() {
         let field = format!("items[{line}]");
         let sku = item.sku.trim();
-        if sku.is_empty() || sku.len() > 64 || sku.contains(char::is_whitespace) {
+        if !is_valid_sku(sku) {
             return Err(invalid(&field, format!("bad sku {:?}", item.sku)));
         }
         let quantity = u32::try_from(item.quantity)

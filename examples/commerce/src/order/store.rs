@@ -99,7 +99,8 @@ impl TryFrom<OrderRow> for Order {
 const SELECT_ORDER: &str = "SELECT id, user_id, total_amount, items, status, version, \
      expires_at, created_at, updated_at FROM orders";
 
-/// Inserts a new `ORDER_RESERVED` order at version 1, with its first history row.
+/// Inserts a new `ORDER_RESERVED` order at version 1, with its first history row; `None` when
+/// an order with this id exists already.
 pub async fn insert(
     conn: &mut PgConnection,
     id: Uuid,
@@ -107,10 +108,10 @@ pub async fn insert(
     total_amount: i64,
     items: &[OrderItem],
     expires_at: DateTime<Utc>,
-) -> sqlx::Result<Order> {
-    let row: OrderRow = sqlx::query_as(
+) -> sqlx::Result<Option<Order>> {
+    let row: Option<OrderRow> = sqlx::query_as(
         "INSERT INTO orders (id, user_id, total_amount, items, status, version, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, 1, $6) \
+         VALUES ($1, $2, $3, $4, $5, 1, $6) ON CONFLICT (id) DO NOTHING \
          RETURNING id, user_id, total_amount, items, status, version, expires_at, created_at, updated_at",
     )
     .bind(id)
@@ -119,10 +120,11 @@ pub async fn insert(
     .bind(Json(items))
     .bind(OrderStatus::OrderReserved.as_str())
     .bind(expires_at)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(row) = row else { return Ok(None) };
     record_history(conn, id, 1, None, OrderStatus::OrderReserved, "created").await?;
-    row.try_into()
+    row.try_into().map(Some)
 }
 
 /// Reads one order.
@@ -145,22 +147,17 @@ pub async fn history(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<Tran
     .await
 }
 
-/// `ORDER_RESERVED` orders whose reservation has expired, oldest first, locked for the
-/// caller's transaction (rows another scheduler holds are skipped).
-pub async fn expired(
-    conn: &mut PgConnection,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> sqlx::Result<Vec<Order>> {
-    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
-        "{SELECT_ORDER} WHERE status = 'ORDER_RESERVED' AND expires_at <= $1 \
-         ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+/// Order `id` if it is still `ORDER_RESERVED` and past its expiry, locked for the caller's
+/// transaction; `None` when it was settled meanwhile or another scheduler holds it.
+pub async fn find_due_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Order>> {
+    let row: Option<OrderRow> = sqlx::query_as(&format!(
+        "{SELECT_ORDER} WHERE id = $1 AND status = 'ORDER_RESERVED' AND expires_at <= now() \
+         FOR UPDATE SKIP LOCKED"
     ))
-    .bind(now)
-    .bind(limit)
-    .fetch_all(conn)
+    .bind(id)
+    .fetch_optional(conn)
     .await?;
-    rows.into_iter().map(Order::try_from).collect()
+    row.map(Order::try_from).transpose()
 }
 
 /// Moves `order` to `next` if nobody changed it since it was read (`version` unchanged).
@@ -173,14 +170,21 @@ pub async fn transition(
     next: OrderStatus,
     reason: &str,
 ) -> sqlx::Result<Option<Order>> {
+    if !order.status.can_become(next) {
+        return Err(sqlx::Error::Protocol(format!(
+            "order {}: {} cannot become {next}",
+            order.id, order.status
+        )));
+    }
     let row: Option<OrderRow> = sqlx::query_as(
         "UPDATE orders SET status = $3, version = version + 1, updated_at = now() \
-         WHERE id = $1 AND version = $2 \
+         WHERE id = $1 AND version = $2 AND status = $4 \
          RETURNING id, user_id, total_amount, items, status, version, expires_at, created_at, updated_at",
     )
     .bind(order.id)
     .bind(order.version)
     .bind(next.as_str())
+    .bind(order.status.as_str())
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else { return Ok(None) };
