@@ -316,7 +316,7 @@ impl Relay {
                     Err(e) => tracing::debug!(error = %e, "stats query failed"),
                 }
             }
-            if ticks % 40 == 0 {
+            if ticks.is_multiple_of(40) {
                 if let Err(e) = leases.prune().await {
                     tracing::debug!(error = %e, "pruning dead relays failed");
                 }

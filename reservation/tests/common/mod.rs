@@ -273,7 +273,7 @@ where
                         }
                     }
                     // Keep every reservation that held something, and a sample of refusals.
-                    if outcome != Told::Refused || n % 50 == 0 {
+                    if outcome != Told::Refused || n.is_multiple_of(50) {
                         told.lock().unwrap().insert(id, (outcome, items));
                     }
                 }
