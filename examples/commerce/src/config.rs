@@ -35,6 +35,8 @@ pub struct Settings {
     pub expiry_interval: Duration,
     /// Payments above this amount (minor units) are declined: the documented, deterministic rule.
     pub payment_limit: i64,
+    /// Consumer group session timeout: how long a killed service's partitions wait.
+    pub session_timeout: Duration,
 }
 
 impl Settings {
@@ -59,6 +61,7 @@ impl Settings {
             reservation_ttl: Duration::from_millis(parse("ORDER_RESERVATION_TTL_MS", 600_000)?),
             expiry_interval: Duration::from_millis(parse("ORDER_EXPIRY_INTERVAL_MS", 1_000)?),
             payment_limit: parse("PAYMENT_LIMIT", 100_000)?,
+            session_timeout: Duration::from_millis(parse("COMMERCE_SESSION_TIMEOUT_MS", 30_000)?),
         })
     }
 

@@ -84,11 +84,14 @@ impl ServiceBase {
             self.settings.group(self.name),
             self.name,
         )
-        // A SIGKILLed member never leaves the group: short session and rebalance timeouts
-        // let its restarted successor (or a peer) take the partitions over within seconds.
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("max.poll.interval.ms", "20000");
+        // A SIGKILLed member never leaves the group: its partitions wait for the session
+        // timeout. Too short, and a broker that is slow to answer heartbeats under load
+        // (tansu) evicts healthy members and rebalances over and over.
+        .set(
+            "session.timeout.ms",
+            self.settings.session_timeout.as_millis().to_string(),
+        )
+        .set("heartbeat.interval.ms", "1000");
         InboxConsumer::builder(options, self.pool.clone())
             .topic(&self.settings.topic)
             .dead_letter(DeadLetter::Table)

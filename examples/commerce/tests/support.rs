@@ -84,6 +84,8 @@ impl System {
                 "PAYMENT_LIMIT".to_owned(),
                 options.payment_limit.to_string(),
             ),
+            // A private, lightly loaded broker: killed services hand over within seconds.
+            ("COMMERCE_SESSION_TIMEOUT_MS".to_owned(), "6000".to_owned()),
             (
                 "RUST_LOG".to_owned(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
