@@ -42,8 +42,10 @@ impl Error {
     }
 }
 
-/// Classifies a sqlx error: `false` for data/integrity errors, `true` otherwise.
-pub(crate) fn sqlx_is_retryable(error: &sqlx::Error) -> bool {
+/// Classifies a sqlx error: `false` for data and integrity errors (SQLSTATE classes 22, 23,
+/// 42) and decode errors, which fail the same way again; `true` otherwise (connection loss,
+/// serialization failures, deadlocks). Shared by the crates built on this one.
+pub fn sqlx_is_retryable(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => {
             let code = db.code();

@@ -95,7 +95,7 @@ mod handler;
 mod migrate;
 pub mod store;
 
-pub use error::Error;
+pub use error::{sqlx_is_retryable, Error};
 pub use event::{
     DecodeError, EnvelopeError, EventMeta, CONTENT_TYPE_HEADER, EVENT_ID_HEADER, EVENT_TYPE_HEADER,
     JSON, OCTET_STREAM,

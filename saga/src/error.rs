@@ -1,5 +1,6 @@
 //! The crate's error type.
 
+use eventful_idempotency::sqlx_is_retryable;
 use uuid::Uuid;
 
 /// Everything that can go wrong in `eventful-saga`.
@@ -70,25 +71,5 @@ impl Error {
             | Error::MalformedMessage(_)
             | Error::Corrupt(_) => false,
         }
-    }
-}
-
-/// Data and integrity errors (SQLSTATE classes 22, 23, 42) and decode errors are
-/// permanent; connection loss, serialization failures and deadlocks are retryable.
-fn sqlx_is_retryable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => {
-            let code = db.code();
-            let code = code.as_deref().unwrap_or("");
-            !(code.starts_with("22") || code.starts_with("23") || code.starts_with("42"))
-        }
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::Configuration(_)
-        | sqlx::Error::RowNotFound => false,
-        _ => true,
     }
 }
