@@ -45,6 +45,38 @@ impl Default for InMemoryReservations {
 }
 
 impl InMemoryReservations {
+    /// Settles a held reservation as `target`, or as expired when its deadline has passed (the
+    /// same rule the Redis scripts apply), and returns it as it is afterwards. A reservation
+    /// that is already final is returned unchanged: confirm and release differ only in how
+    /// they report that.
+    fn settle_held(
+        &self,
+        reservation_id: &str,
+        target: ReservationState,
+    ) -> Result<Reservation, Error> {
+        check_id(reservation_id)?;
+        let now = now_ms();
+        let mut state = self.lock();
+        state.purge(now);
+        let Some(record) = state.reservations.get(reservation_id) else {
+            return Err(Error::ReservationNotFound {
+                reservation_id: reservation_id.to_owned(),
+            });
+        };
+        if record.state == ReservationState::Held {
+            let to = if now >= record.expires_at {
+                ReservationState::Expired
+            } else {
+                target
+            };
+            state.settle(reservation_id, to, now, self.retention_ms);
+        }
+        Ok(State::view(
+            reservation_id,
+            &state.reservations[reservation_id],
+        ))
+    }
+
     /// An empty store keeping final reservations for [`DEFAULT_RETENTION`].
     pub fn new() -> Self {
         Self::with_retention(DEFAULT_RETENTION)
@@ -212,56 +244,22 @@ impl ReservationStore for InMemoryReservations {
     }
 
     async fn confirm(&self, reservation_id: &str) -> Result<Reservation, Error> {
-        check_id(reservation_id)?;
-        let now = now_ms();
-        let mut state = self.lock();
-        state.purge(now);
-        let Some(record) = state.reservations.get(reservation_id) else {
-            return Err(Error::ReservationNotFound {
-                reservation_id: reservation_id.to_owned(),
-            });
-        };
-        if record.state == ReservationState::Held {
-            let to = if now >= record.expires_at {
-                ReservationState::Expired
-            } else {
-                ReservationState::Confirmed
-            };
-            state.settle(reservation_id, to, now, self.retention_ms);
-        }
-        let record = &state.reservations[reservation_id];
+        let view = self.settle_held(reservation_id, ReservationState::Confirmed)?;
         let id = reservation_id.to_owned();
-        match record.state {
-            ReservationState::Confirmed => Ok(State::view(reservation_id, record)),
+        match view.state {
+            ReservationState::Confirmed => Ok(view),
             ReservationState::Released => Err(Error::AlreadyReleased { reservation_id: id }),
             _ => Err(Error::Expired { reservation_id: id }),
         }
     }
 
     async fn release(&self, reservation_id: &str) -> Result<Reservation, Error> {
-        check_id(reservation_id)?;
-        let now = now_ms();
-        let mut state = self.lock();
-        state.purge(now);
-        let Some(record) = state.reservations.get(reservation_id) else {
-            return Err(Error::ReservationNotFound {
-                reservation_id: reservation_id.to_owned(),
-            });
-        };
-        if record.state == ReservationState::Held {
-            let to = if now >= record.expires_at {
-                ReservationState::Expired
-            } else {
-                ReservationState::Released
-            };
-            state.settle(reservation_id, to, now, self.retention_ms);
-        }
-        let record = &state.reservations[reservation_id];
-        match record.state {
+        let view = self.settle_held(reservation_id, ReservationState::Released)?;
+        match view.state {
             ReservationState::Confirmed => Err(Error::AlreadyConfirmed {
                 reservation_id: reservation_id.to_owned(),
             }),
-            _ => Ok(State::view(reservation_id, record)),
+            _ => Ok(view),
         }
     }
 
