@@ -2,7 +2,7 @@
 //! (`redis-benchmark` calling the same Lua script by `EVALSHA`) and against the
 //! PostgreSQL alternative (a guarded `UPDATE` of a stock row), all in one run.
 //!
-//! Run with `cargo bench --bench reservation` (about 3 minutes; needs `redis-server`,
+//! Run with `cargo bench --bench reservation` (about 4 minutes; needs `redis-server`,
 //! `redis-benchmark` and the local PostgreSQL).
 //!
 //! What it measures (ops/s; one op = one reservation, i.e. 2 script calls for
@@ -10,25 +10,34 @@
 //! - `reserve_confirm` and `reserve_release` on one hot SKU and on 1,000 SKUs, with 1- and
 //!   5-item reservations, at 1, 16 and 64 requests in flight (one shared multiplexed
 //!   connection, `TCP_NODELAY` on);
-//! - `reserve` alone (1 item, hot SKU) at 1, 16, 64 in flight, next to `redis-benchmark`
-//!   running the identical `EVALSHA` (same keys and arguments, unique reservation ids via
-//!   `__rand_int__`) with `-c K` connections, and with `-c 1 -P K` pipelining: the ceiling;
+//! - the ceiling: `reserve` alone (1 item, hot SKU) at 1, 16, 64 in flight, next to
+//!   `redis-benchmark` running the identical `EVALSHA` (same keys and arguments, unique
+//!   reservation ids via `__rand_int__`) with `-c K` connections and with `-c 1 -P K`
+//!   pipelining, and next to plain redis-rs sending that `EVALSHA` (no library: what
+//!   the Rust client and runtime cost on their own);
 //! - `pg_update`: `UPDATE stock SET available = available - $1 WHERE sku = $2 AND
 //!   available >= $1` on one hot row through sqlx with K connections.
 //!
 //! Redis is a private `redis-server` (no persistence) started on a spare port, so other
-//! tests' keys and the shared server's load do not interfere. The table printed at the
-//! end gives ops/s and the ratios; read them with the machine load printed next to them
-//! (2 cores shared by client, server and `redis-benchmark`: background load moves
-//! single runs by 2-4x, which is why the ceiling comparison alternates ours and
-//! `redis-benchmark` three times and keeps each one's best).
+//! tests' keys and the shared server's load do not interfere. Every measured run starts
+//! from a flushed keyspace: reservations add keys at up to ~100k/s, and a run that
+//! happens to hit a rehash of a large keyspace is markedly slower, which made unreset
+//! runs incomparable. In the ceiling comparison every contender does the same number of
+//! reservations from that same state, in rounds that rotate the order, and each
+//! contender's median is kept (2 cores are shared by client, server and
+//! `redis-benchmark`, and the VM's speed drifts between seconds).
+//!
+//! The client runtime is a one-worker multi-thread Tokio runtime by default: the server
+//! takes the other core, and `redis-benchmark` is single-threaded too. A second worker
+//! competes with the server on this 2-core machine and lowers every figure.
 //!
 //! The PostgreSQL `UPDATE` is one atomic hold, so compare it with `reserve`;
 //! `reserve_confirm` is two round trips (a PostgreSQL flow with a confirm would be too).
 //!
-//! Knobs: `BENCH_THREADS` (Tokio workers, default 2; 0 = current-thread runtime),
-//! `BENCH_CONNECTIONS` (multiplexed Redis connections, default 1). Criterion filters
-//! work as usual, e.g. `cargo bench --bench reservation -- ceiling`.
+//! Knobs: `BENCH_THREADS` (Tokio workers, default 1; 0 = current-thread runtime),
+//! `BENCH_CONNECTIONS` (multiplexed Redis connections, default 1), `BENCH_ROUNDS`
+//! (ceiling rounds, default 5). Criterion filters work as usual, e.g.
+//! `cargo bench --bench reservation -- ceiling`.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -45,6 +54,7 @@ const SKUS: usize = 1000;
 const HOT: &str = "hot";
 const PLENTY: u64 = 1_000_000_000_000;
 const TTL: Duration = Duration::from_secs(600);
+const RETENTION: Duration = Duration::from_secs(5);
 
 /// ops and time measured per benchmark id (summed over criterion's calls).
 static RESULTS: Mutex<BTreeMap<String, (u64, Duration)>> = Mutex::new(BTreeMap::new());
@@ -99,11 +109,37 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// Best-of-3 interleaved ops/s: ours, `redis-benchmark -c K`, `redis-benchmark -c 1 -P K`.
+/// Median ops/s over the ceiling rounds of each contender.
 struct Ceiling {
     ours: f64,
+    redis_rs: f64,
     by_clients: f64,
     by_pipeline: f64,
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn all_skus() -> impl Iterator<Item = String> {
+    std::iter::once(HOT.to_owned())
+        .chain((1..5).map(|j| format!("hot-{j}")))
+        .chain((0..SKUS).map(|i| format!("sku-{i}")))
+}
+
+/// Empties the private Redis and stocks every SKU again (see the header: runs from an
+/// unreset, growing keyspace are not comparable).
+async fn reset(store: &RedisReservations) {
+    let mut conn = store.connection();
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("FLUSHALL");
+    let skus: Vec<String> = all_skus().collect();
+    futures::future::try_join_all(skus.iter().map(|sku| store.set_stock(sku, PLENTY)))
+        .await
+        .expect("set stock");
 }
 
 #[derive(Clone, Copy)]
@@ -181,14 +217,73 @@ where
     start.elapsed()
 }
 
-/// Runs `redis-benchmark` on the reserve script for about a second (sized from `rate`,
-/// our own measured ops/s) and returns its requests/s.
+/// The reserve `EVALSHA` sent by plain redis-rs (one multiplexed connection, `TCP_NODELAY`
+/// on), with the keys and arguments the library would send: what is left of the gap to
+/// `redis-benchmark` once the library is taken away.
+#[derive(Clone)]
+struct RawRedisRs {
+    conn: redis::aio::MultiplexedConnection,
+    script: Arc<redis::Script>,
+    expiries_key: String,
+    stock_key: String,
+    stock_prefix: String,
+    reservation_prefix: String,
+}
+
+impl RawRedisRs {
+    async fn connect(redis: &PrivateRedis, store: &RedisReservations) -> Self {
+        use redis::IntoConnectionInfo;
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+        let info = redis
+            .url()
+            .into_connection_info()
+            .expect("url")
+            .set_tcp_settings(tcp);
+        let conn = redis::Client::open(info)
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let stock_key = store.stock_key(HOT);
+        Self {
+            conn,
+            script: Arc::new(redis::Script::new(
+                eventful_reservation::redis::reserve_script_source(),
+            )),
+            expiries_key: store.expiries_key().to_owned(),
+            stock_prefix: stock_key.strip_suffix(HOT).expect("prefix").to_owned(),
+            stock_key,
+            reservation_prefix: store.reservation_key(""),
+        }
+    }
+
+    async fn reserve(&self) {
+        let id = format!("raw{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let reply: redis::Value = self
+            .script
+            .key(format!("{}{id}", self.reservation_prefix))
+            .key(&self.expiries_key)
+            .key(&self.stock_key)
+            .arg(&id)
+            .arg(TTL.as_millis() as u64)
+            .arg(RETENTION.as_millis() as u64)
+            .arg(&self.stock_prefix)
+            .arg(r#"["hot","1"]"#)
+            .arg(1)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .expect("EVALSHA");
+        assert!(matches!(reply, redis::Value::Array(_)), "{reply:?}");
+    }
+}
+
+/// Runs `requests` reserve scripts with `redis-benchmark` and returns its requests/s.
 fn redis_benchmark(
     redis: &PrivateRedis,
     store: &RedisReservations,
     clients: usize,
     pipeline: usize,
-    rate: f64,
+    requests: u64,
 ) -> f64 {
     let sha = {
         let out = Command::new("redis-cli")
@@ -198,7 +293,6 @@ fn redis_benchmark(
             .expect("redis-cli SCRIPT LOAD");
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     };
-    let requests = (rate as u64).clamp(2_000, 300_000);
     let stock_key = store.stock_key(HOT);
     let stock_prefix = stock_key.strip_suffix(HOT).unwrap().to_owned();
     let res_key = store.reservation_key("rb__rand_int__");
@@ -217,7 +311,7 @@ fn redis_benchmark(
         .args([
             "rb__rand_int__",
             &TTL.as_millis().to_string(),
-            "5000",
+            &RETENTION.as_millis().to_string(),
             &stock_prefix,
         ])
         .args([r#"["hot","1"]"#, "1"])
@@ -243,11 +337,15 @@ fn redis_benchmark(
 }
 
 fn main() {
-    // BENCH_THREADS=0: a current-thread runtime; otherwise that many workers (default 2).
-    let threads: usize = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let env = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    // BENCH_THREADS=0: a current-thread runtime; otherwise that many workers.
+    let threads = env("BENCH_THREADS", 1);
+    let rounds = env("BENCH_ROUNDS", 5).max(1);
     let rt = if threads == 0 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -262,22 +360,12 @@ fn main() {
     let store = rt.block_on(async {
         let store = RedisReservations::builder(redis.url().as_str())
             .namespace("bench")
-            .retention(Duration::from_secs(5))
-            .connections(
-                std::env::var("BENCH_CONNECTIONS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1),
-            )
+            .retention(RETENTION)
+            .connections(env("BENCH_CONNECTIONS", 1))
             .connect()
             .await
             .expect("connect");
-        for sku in std::iter::once(HOT.to_owned())
-            .chain((1..5).map(|j| format!("hot-{j}")))
-            .chain((0..SKUS).map(|i| format!("sku-{i}")))
-        {
-            store.set_stock(&sku, PLENTY).await.expect("set stock");
-        }
+        reset(&store).await;
         store
     });
     let db = rt.block_on(async {
@@ -314,6 +402,7 @@ fn main() {
                         b.to_async(&rt).iter_custom(|iters| {
                             let (store, id) = (store.clone(), id.clone());
                             async move {
+                                reset(&store).await;
                                 let elapsed = drive(iters, k, move || {
                                     let store = store.clone();
                                     async move { one(&store, op, hot, items).await }
@@ -330,7 +419,9 @@ fn main() {
     }
     group.finish();
 
-    // The ceiling: reserve alone, ours vs redis-benchmark on the identical EVALSHA.
+    // The ceiling: reserve alone, ours vs plain redis-rs vs redis-benchmark on the
+    // identical EVALSHA, each doing the same number of reservations from a reset keyspace.
+    let raw = rt.block_on(RawRedisRs::connect(&redis, &store));
     let mut ceiling = BTreeMap::new();
     let mut group = c.benchmark_group("ceiling");
     group.throughput(Throughput::Elements(1));
@@ -340,6 +431,7 @@ fn main() {
             b.to_async(&rt).iter_custom(|iters| {
                 let (store, id) = (store.clone(), id.clone());
                 async move {
+                    reset(&store).await;
                     let elapsed = drive(iters, k, move || {
                         let store = store.clone();
                         async move { one(&store, Op::Reserve, true, 1).await }
@@ -350,37 +442,67 @@ fn main() {
                 }
             })
         });
-        if let Some(rate) = ops_per_sec(&id) {
-            // Other processes share the 2 cores and slow whichever run they hit, so
-            // ours and redis-benchmark alternate 3 times and each keeps its best.
-            let (mut ours, mut by_clients, mut by_pipeline) = (0f64, 0f64, 0f64);
-            for _ in 0..3 {
-                let n = (rate as u64).max(2_000);
-                let elapsed = rt.block_on(drive(n, k, {
+        if ops_per_sec(&id).is_none() {
+            continue; // filtered out
+        }
+        let ops: u64 = if k == 1 { 20_000 } else { 100_000 };
+        let ours_run = || {
+            rt.block_on(async {
+                reset(&store).await;
+                let store = store.clone();
+                let elapsed = drive(ops, k, move || {
                     let store = store.clone();
-                    move || {
-                        let store = store.clone();
-                        async move { one(&store, Op::Reserve, true, 1).await }
-                    }
-                }));
-                ours = ours.max(n as f64 / elapsed.as_secs_f64());
-                by_clients = by_clients.max(redis_benchmark(&redis, &store, k, 1, rate));
-                if k > 1 {
-                    by_pipeline = by_pipeline.max(redis_benchmark(&redis, &store, 1, k, rate));
+                    async move { one(&store, Op::Reserve, true, 1).await }
+                })
+                .await;
+                ops as f64 / elapsed.as_secs_f64()
+            })
+        };
+        let raw_run = || {
+            rt.block_on(async {
+                reset(&store).await;
+                let raw = raw.clone();
+                let elapsed = drive(ops, k, move || {
+                    let raw = raw.clone();
+                    async move { raw.reserve().await }
+                })
+                .await;
+                ops as f64 / elapsed.as_secs_f64()
+            })
+        };
+        let benchmark_run = |clients: usize, pipeline: usize| {
+            rt.block_on(reset(&store));
+            redis_benchmark(&redis, &store, clients, pipeline, ops)
+        };
+        let (mut ours, mut redis_rs, mut by_clients, mut by_pipeline) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Rotate who goes first: a slow stretch of the VM should not always hit the
+            // same contender.
+            for turn in 0..4 {
+                match (round + turn) % 4 {
+                    0 => ours.push(ours_run()),
+                    1 => redis_rs.push(raw_run()),
+                    2 => by_clients.push(benchmark_run(k, 1)),
+                    _ if k > 1 => by_pipeline.push(benchmark_run(1, k)),
+                    _ => {}
                 }
             }
-            if k == 1 {
-                by_pipeline = by_clients;
-            }
-            ceiling.insert(
-                k,
-                Ceiling {
-                    ours,
-                    by_clients,
-                    by_pipeline,
-                },
-            );
         }
+        let by_clients = median(by_clients);
+        ceiling.insert(
+            k,
+            Ceiling {
+                ours: median(ours),
+                redis_rs: median(redis_rs),
+                by_clients,
+                by_pipeline: if k == 1 {
+                    by_clients
+                } else {
+                    median(by_pipeline)
+                },
+            },
+        );
     }
     group.finish();
 
@@ -456,7 +578,7 @@ fn print_table(ceiling: &BTreeMap<usize, Ceiling>) {
         );
     }
     if !ceiling.is_empty() {
-        println!("ceiling (best of 3 interleaved ~1 s runs each):");
+        println!("ceiling (median of the rounds; same reservations from a reset keyspace):");
         let pick = |f: fn(&Ceiling) -> f64| -> Vec<String> {
             IN_FLIGHT
                 .iter()
@@ -464,6 +586,7 @@ fn print_table(ceiling: &BTreeMap<usize, Ceiling>) {
                 .collect()
         };
         row("reserve/hot/1item (ours)", pick(|c| c.ours));
+        row("redis-rs EVALSHA (no library)", pick(|c| c.redis_rs));
         row("redis-benchmark -c K -P 1", pick(|c| c.by_clients));
         row("redis-benchmark -c 1 -P K", pick(|c| c.by_pipeline));
     }
@@ -471,9 +594,10 @@ fn print_table(ceiling: &BTreeMap<usize, Ceiling>) {
     for k in IN_FLIGHT {
         if let Some(c) = ceiling.get(&k) {
             println!(
-                "  K={k:<3} reserve vs redis-benchmark: {:>5.1}% of -c {k} -P 1, {:>5.1}% of -c 1 -P {k}",
+                "  K={k:<3} reserve vs redis-benchmark: {:>5.1}% of -c {k} -P 1, {:>5.1}% of -c 1 -P {k}; vs plain redis-rs: {:>5.1}%",
                 100.0 * c.ours / c.by_clients,
-                100.0 * c.ours / c.by_pipeline
+                100.0 * c.ours / c.by_pipeline,
+                100.0 * c.ours / c.redis_rs
             );
         }
         let pg = ops_per_sec(&format!("pg_update/hot/{k}"));
