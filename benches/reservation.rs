@@ -2,7 +2,7 @@
 //! (`redis-benchmark` calling the same Lua script by `EVALSHA`) and against the
 //! PostgreSQL alternative (a guarded `UPDATE` of a stock row), all in one run.
 //!
-//! Run with `cargo bench --bench reservation` (about 4 minutes; needs `redis-server`,
+//! Run with `cargo bench --bench reservation` (about 3 minutes; needs `redis-server`,
 //! `redis-benchmark` and the local PostgreSQL).
 //!
 //! What it measures (ops/s; one op = one reservation, i.e. 2 script calls for

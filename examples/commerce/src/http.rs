@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::middleware::map_response;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -64,17 +65,56 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Largest request body a service reads.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
 /// The layers every service wraps its routes in, plus `/health`.
 pub fn with_common_layers(routes: Router) -> Router {
     routes
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(RequestBodyLimitLayer::new(256 * 1024))
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             Duration::from_secs(30),
         ))
+        .layer(map_response(json_errors))
         .layer(TraceLayer::new_for_http())
+}
+
+/// Gives the errors axum and tower-http answer on their own (405, 413, 504, …) the
+/// same JSON body as the handlers' [`ApiError`]s, keeping their status and headers
+/// (such as `Allow`).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::GATEWAY_TIMEOUT => "timeout",
+        _ if status.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let (mut parts, body) = response.into_parts();
+    // The framework's own text says what was wrong (e.g. the body limit); keep it.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        text => text.to_owned(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let json = ApiError::new(status, code, message).into_response();
+    let (json_parts, json_body) = json.into_parts();
+    parts.headers.extend(json_parts.headers);
+    Response::from_parts(parts, json_body)
 }
 
 /// Serves `app` on `listener` until `cancel` fires.

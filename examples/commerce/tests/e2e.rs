@@ -445,6 +445,29 @@ async fn serial_bad_input_gets_a_json_4xx_and_writes_nothing() {
         let error: Value = response.json().await.expect("a JSON error body");
         assert!(error["error"]["message"].is_string(), "{body}: {error}");
     }
+    // Rejections axum and tower-http answer on their own get the same JSON shape.
+    let too_large = system
+        .http
+        .post(system.url("order", "/orders"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; commerce::http::MAX_BODY_BYTES + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_large.status().as_u16(), 413);
+    let error: Value = too_large.json().await.expect("a JSON 413 body");
+    assert_eq!(error["error"]["code"], "body_too_large", "{error}");
+    let wrong_method = system
+        .http
+        .delete(system.url("order", "/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status().as_u16(), 405);
+    assert!(wrong_method.headers().contains_key("allow"));
+    let error: Value = wrong_method.json().await.expect("a JSON 405 body");
+    assert_eq!(error["error"]["code"], "method_not_allowed", "{error}");
+
     let (status, error) = get_json(&system, "order", "/orders/not-a-uuid").await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
