@@ -277,6 +277,25 @@ impl RawRedisRs {
     }
 }
 
+/// ops/s of `ops` operations with `in_flight` outstanding, from a reset keyspace.
+fn rate_after_reset<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    store: &RedisReservations,
+    ops: u64,
+    in_flight: usize,
+    op: F,
+) -> f64
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    rt.block_on(async {
+        reset(store).await;
+        let elapsed = drive(ops, in_flight, op).await;
+        ops as f64 / elapsed.as_secs_f64()
+    })
+}
+
 /// Runs `requests` reserve scripts with `redis-benchmark` and returns its requests/s.
 fn redis_benchmark(
     redis: &PrivateRedis,
@@ -447,27 +466,17 @@ fn main() {
         }
         let ops: u64 = if k == 1 { 20_000 } else { 100_000 };
         let ours_run = || {
-            rt.block_on(async {
-                reset(&store).await;
-                let store = store.clone();
-                let elapsed = drive(ops, k, move || {
-                    let store = store.clone();
-                    async move { one(&store, Op::Reserve, true, 1).await }
-                })
-                .await;
-                ops as f64 / elapsed.as_secs_f64()
+            let handle = store.clone();
+            rate_after_reset(&rt, &store, ops, k, move || {
+                let store = handle.clone();
+                async move { one(&store, Op::Reserve, true, 1).await }
             })
         };
         let raw_run = || {
-            rt.block_on(async {
-                reset(&store).await;
+            let raw = raw.clone();
+            rate_after_reset(&rt, &store, ops, k, move || {
                 let raw = raw.clone();
-                let elapsed = drive(ops, k, move || {
-                    let raw = raw.clone();
-                    async move { raw.reserve().await }
-                })
-                .await;
-                ops as f64 / elapsed.as_secs_f64()
+                async move { raw.reserve().await }
             })
         };
         let benchmark_run = |clients: usize, pipeline: usize| {
