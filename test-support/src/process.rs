@@ -94,7 +94,8 @@ impl TansuBroker {
                 &url,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"])
-            .env("RUST_LOG", "warn")
+            // TANSU_LOG (e.g. `info`) raises the broker's own log level for a diagnosis.
+            .env("RUST_LOG", crate::env_or("TANSU_LOG", "warn"))
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -137,6 +138,24 @@ impl TansuBroker {
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn().await;
+    }
+}
+
+impl Drop for TansuBroker {
+    /// A failing test shows the end of the broker's log, which its temporary directory
+    /// would otherwise take with it.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(200)..];
+        eprintln!(
+            "--- last {} lines of the private tansu broker's log ---\n{}",
+            tail.len(),
+            tail.join("\n")
+        );
     }
 }
 
