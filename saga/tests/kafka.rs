@@ -32,6 +32,15 @@ fn coordinator_on(
         .unwrap()
 }
 
+/// Tansu 0.6 only expires a vanished group member (a leader left behind by a rejoin, say)
+/// once its session times out, checked when another member's request arrives; librdkafka's
+/// 45 s default would stall the group that long. 10 s with 1 s heartbeats bounds it.
+fn with_short_sessions(options: ConsumerOptions) -> ConsumerOptions {
+    options
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+}
+
 fn reply_consumer(
     h: &Harness,
     brokers: &str,
@@ -40,7 +49,7 @@ fn reply_consumer(
     c: &Coordinator,
 ) -> InboxConsumer {
     InboxConsumer::builder(
-        ConsumerOptions::new(brokers, group, "saga-replies").set("session.timeout.ms", "6000"),
+        with_short_sessions(ConsumerOptions::new(brokers, group, "saga-replies")),
         h.db.pool.clone(),
     )
     .topic(replies)
@@ -92,11 +101,11 @@ async fn end_to_end(abrupt: bool) {
 
     // Participants: one registration line per command type.
     let mut builder = InboxConsumer::builder(
-        ConsumerOptions::new(
+        with_short_sessions(ConsumerOptions::new(
             &brokers,
             format!("participants-{}", uuid::Uuid::now_v7()),
             "participants",
-        ),
+        )),
         h.db.pool.clone(),
     );
     for t in &topics {

@@ -1,7 +1,7 @@
 //! The polling loop: routes messages to partition workers, follows rebalances, shuts down.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
@@ -70,10 +70,23 @@ impl ConsumerContext for InboxContext {
 
 type Client = StreamConsumer<InboxContext>;
 
-struct KafkaOffsets(Arc<Client>);
+/// Workers hold the client weakly: the polling loop owns it alone, so when the loop's
+/// future is dropped (an aborted task) the client closes and leaves the group right
+/// then, not whenever the last aborted worker gets dropped. (A late LeaveGroup racing a
+/// successor's JoinGroup wedges Tansu 0.6's group coordinator.)
+struct KafkaOffsets(Weak<Client>);
 
 impl OffsetStore for KafkaOffsets {
     fn store(&self, topic: &str, partition: i32, next_offset: i64) {
+        let Some(client) = self.0.upgrade() else {
+            tracing::debug!(
+                topic,
+                partition,
+                next_offset,
+                "consumer closed; offset not stored"
+            );
+            return;
+        };
         // Fails with a state error when the partition was revoked meanwhile: the new owner
         // redelivers the message and the guard reports it as a duplicate.
         // `rd_kafka_offsets_store` stores exactly the given offset (the legacy
@@ -81,7 +94,7 @@ impl OffsetStore for KafkaOffsets {
         let mut list = TopicPartitionList::new();
         let stored = list
             .add_partition_offset(topic, partition, Offset::Offset(next_offset))
-            .and_then(|()| self.0.store_offsets(&list));
+            .and_then(|()| client.store_offsets(&list));
         if let Err(e) = stored {
             tracing::debug!(topic, partition, next_offset, error = %e, "offset not stored");
         }
@@ -243,7 +256,7 @@ impl Loop {
         let (done_tx, done_rx) = oneshot::channel();
         let stop = CancellationToken::new();
         let previous = self.retired.remove(&tp).unwrap_or_default();
-        let offsets: Arc<dyn OffsetStore> = Arc::new(KafkaOffsets(self.client.clone()));
+        let offsets: Arc<dyn OffsetStore> = Arc::new(KafkaOffsets(Arc::downgrade(&self.client)));
         self.tasks.spawn(run_partition(
             self.settings.clone(),
             offsets,
