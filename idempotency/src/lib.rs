@@ -102,7 +102,7 @@ pub use event::{
 };
 pub use guard::{Processed, ProcessedEvents};
 pub use handler::{BoxError, EventHandler, HandlerError};
-pub use migrate::migrate;
+pub use migrate::{apply_idempotent_schema, migrate};
 
 /// Re-exported so handler implementations need no extra dependency.
 pub use async_trait::async_trait;

@@ -28,18 +28,28 @@ const MIGRATIONS: &[(&str, &str)] = &[
 /// Creates the crate's tables (`eventful_processed_events`, `eventful_dead_letters`,
 /// `eventful_idempotency_keys`) if they do not exist. Safe to call concurrently and often.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
-    let mut tx = pool.begin().await.map_err(Error::Migration)?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('eventful_idempotency.migrate'))")
-        .execute(&mut *tx)
+    apply_idempotent_schema(pool, "eventful_idempotency.migrate", MIGRATIONS)
         .await
-        .map_err(Error::Migration)?;
-    for (name, sql) in MIGRATIONS {
+        .map_err(Error::Migration)
+}
+
+/// Applies `migrations` (`(name, sql)` pairs, every statement idempotent, e.g.
+/// `CREATE .. IF NOT EXISTS`) in one transaction under the advisory lock named
+/// `lock_name`, so concurrent and repeated callers are safe. [`migrate`] and
+/// `eventful-saga` use it; so can an application for its own tables.
+pub async fn apply_idempotent_schema(
+    pool: &PgPool,
+    lock_name: &str,
+    migrations: &[(&str, &str)],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(lock_name)
+        .execute(&mut *tx)
+        .await?;
+    for (name, sql) in migrations {
         tracing::debug!(migration = name, "applying");
-        sqlx::raw_sql(sql)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::Migration)?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await?;
     }
-    tx.commit().await.map_err(Error::Migration)?;
-    Ok(())
+    tx.commit().await
 }
