@@ -301,7 +301,13 @@ async fn serial_thousand_events_delivered_repeatedly_apply_once_across_two_consu
         &log_b,
         |b| b,
     );
-    produce(&producer, &topic, &events[total / 2..]).await;
+    // The second half arrives as a stream while B joins, so that both instances apply
+    // part of it: produced at once, it can all be applied by A before the broker hands B
+    // its partitions (Tansu holds a join for up to 3 s).
+    for chunk in events[total / 2..].chunks(25) {
+        produce(&producer, &topic, chunk).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
     wait_until(
         "B has processed 200 messages",
         Duration::from_secs(90),
