@@ -1,7 +1,7 @@
 //! Guard overhead: handler throughput with and without the processed-event guard, in one run.
 //!
 //! Run with `cargo bench --bench idempotency` (PostgreSQL required; the last section starts a
-//! private tansu broker, skipped when `BENCH_SKIP_KAFKA=1`).
+//! private Apache Kafka broker, skipped when `BENCH_SKIP_KAFKA=1`).
 //!
 //! Every row runs the same handler: one `INSERT` into an effects table inside a transaction.
 //! - `no guard`: `BEGIN; INSERT effect; COMMIT`
@@ -25,7 +25,7 @@ use eventful_idempotency::{
     async_trait, CancellationToken, ConsumerOptions, EventHandler, EventMeta, HandlerError,
     InboxConsumer, ProcessedEvents,
 };
-use eventful_test_support::{kafka, TansuBroker, TestDatabase};
+use eventful_test_support::{kafka, KafkaBroker, TestDatabase};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -277,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
         // broker's ceiling for the inbox.
         // A private broker (SQLite storage), so other suites' load on the shared one does
         // not skew the figure.
-        let broker = TansuBroker::start().await;
+        let broker = KafkaBroker::start().await;
         let brokers = broker.brokers();
         let (raw_topic, inbox_topic) = (
             fill_topic(&brokers, EVENTS).await?,

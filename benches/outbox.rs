@@ -1,9 +1,9 @@
 //! Outbox relay benchmark (custom harness: it measures end-to-end throughput and latency,
 //! which criterion's per-iteration model does not fit).
 //!
-//! Run with `cargo bench --bench outbox` (needs PostgreSQL and the `tansu` binary of
-//! `scripts/services up`; the bench starts its own private broker with a fresh SQLite file
-//! so that other traffic on the shared broker does not skew it). It prints one table:
+//! Run with `cargo bench --bench outbox` (needs PostgreSQL and Kafka's jars from
+//! `scripts/services install`; the bench starts its own private Apache Kafka broker so that
+//! other traffic on the shared broker does not skew it). It prints one table:
 //!
 //! - **raw producer** (the ceiling): the same messages (key, ~120-byte JSON payload, the
 //!   three contract headers) sent by a bare rdkafka `FutureProducer` configured like the
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use eventful_outbox::CancellationToken;
 use eventful_outbox::{Error, KafkaPublisher, NewEvent, Outbox, OutboxRecord, Publisher, Relay};
-use eventful_test_support::{kafka, TansuBroker, TestDatabase};
+use eventful_test_support::{kafka, KafkaBroker, TestDatabase};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -351,7 +351,7 @@ async fn run() -> anyhow::Result<()> {
     eventful_test_support::init_tracing(); // RUST_LOG=eventful_outbox=debug shows each batch
                                            // A private broker (fresh SQLite file) so other test traffic on the shared one does not
                                            // skew the figures; it still shares the machine's CPUs.
-    let broker = TansuBroker::start().await;
+    let broker = KafkaBroker::start().await;
     let brokers = broker.brokers();
     kafka::require_broker(&brokers).await;
     let n = env_usize("OUTBOX_BENCH_EVENTS", 20_000);

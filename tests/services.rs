@@ -1,9 +1,9 @@
 //! Round trips through every real service the suite depends on, and the consumer-group
-//! resume that at-least-once delivery rests on (tansu's `memory://` engine gets it wrong).
+//! resume that at-least-once delivery rests on, across a broker restart.
 
 use std::time::Duration;
 
-use eventful_test_support::{kafka, TansuBroker, TestDatabase, TestRedis};
+use eventful_test_support::{kafka, KafkaBroker, TestDatabase, TestRedis};
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::FutureRecord;
@@ -125,7 +125,7 @@ async fn consume(
     seen
 }
 
-async fn assert_resume_reads_exactly_the_rest(brokers: &str, restart: Option<&mut TansuBroker>) {
+async fn assert_resume_reads_exactly_the_rest(brokers: &str, restart: Option<&mut KafkaBroker>) {
     let topic = format!("resume-{}", uuid::Uuid::new_v4().simple());
     kafka::create_topic_on(brokers, &topic, 1).await;
     produce_batch(brokers, &topic, 100).await;
@@ -151,7 +151,7 @@ async fn consumer_group_resumes_from_a_committed_offset_inside_a_batch() {
 
 #[tokio::test]
 async fn serial_consumer_group_resumes_across_a_broker_restart() {
-    let mut broker = TansuBroker::start().await;
+    let mut broker = KafkaBroker::start().await;
     let brokers = broker.brokers();
     assert_resume_reads_exactly_the_rest(&brokers, Some(&mut broker)).await;
 }

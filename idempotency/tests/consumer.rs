@@ -10,7 +10,7 @@ use eventful_idempotency::{
     ConsumerOptions, DeadLetter, Delivery, EventHandler, EventMeta, HandlerError, InboxConsumer,
     Outcome, UnknownEventType,
 };
-use eventful_test_support::{kafka, wait_until, TansuBroker, TestDatabase};
+use eventful_test_support::{kafka, wait_until, TestDatabase};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
@@ -217,12 +217,11 @@ type DeadLetterRow = (
     String,
 );
 
-/// A private broker: the shared one is loaded by every other suite, which makes group
-/// rebalances slow and flaky there. Keep the broker alive for the test's duration.
-async fn private_broker() -> (TansuBroker, String) {
-    let broker = TansuBroker::start().await;
-    let brokers = broker.brokers();
-    (broker, brokers)
+/// The shared broker (`KAFKA_BROKERS`); every test has its own topics and groups.
+async fn shared_broker() -> ((), String) {
+    let brokers = kafka::brokers();
+    kafka::require_broker(&brokers).await;
+    ((), brokers)
 }
 
 async fn topic_on(brokers: &str, partitions: i32) -> String {
@@ -245,9 +244,7 @@ async fn effects(pool: &PgPool) -> (i64, i64) {
 async fn serial_thousand_events_delivered_repeatedly_apply_once_across_two_consumers() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    // A private broker: the shared one is busy with other suites' tests.
-    let broker = TansuBroker::start().await;
-    let brokers = broker.brokers();
+    let brokers = kafka::brokers();
     let topic = format!("inbox-{}", Uuid::new_v4().simple());
     kafka::create_topic_on(&brokers, &topic, 4).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
@@ -303,7 +300,7 @@ async fn serial_thousand_events_delivered_repeatedly_apply_once_across_two_consu
     );
     // The second half arrives as a stream while B joins, so that both instances apply
     // part of it: produced at once, it can all be applied by A before the broker hands B
-    // its partitions (Tansu holds a join for up to 3 s).
+    // its partitions.
     for chunk in events[total / 2..].chunks(25) {
         produce(&producer, &topic, chunk).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -409,9 +406,7 @@ async fn serial_thousand_events_delivered_repeatedly_apply_once_across_two_consu
 async fn serial_crash_between_db_commit_and_offset_commit_redelivers_a_duplicate() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    // A private broker: the shared one is busy with other suites' tests.
-    let broker = TansuBroker::start().await;
-    let brokers = broker.brokers();
+    let brokers = kafka::brokers();
     let topic = format!("inbox-{}", Uuid::new_v4().simple());
     kafka::create_topic_on(&brokers, &topic, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
@@ -511,10 +506,10 @@ async fn serial_crash_between_db_commit_and_offset_commit_redelivers_a_duplicate
 /// policy) unknown event types land in the dead-letter table with their error; the messages
 /// after them are processed.
 #[tokio::test]
-async fn serial_poison_messages_go_to_the_dead_letter_table_and_the_partition_moves_on() {
+async fn poison_messages_go_to_the_dead_letter_table_and_the_partition_moves_on() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    let (_broker, brokers) = private_broker().await;
+    let (_broker, brokers) = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -640,10 +635,10 @@ async fn serial_poison_messages_go_to_the_dead_letter_table_and_the_partition_mo
 /// With the default policy unknown event types are skipped; with `DeadLetter::Topic` poison
 /// messages are republished with the error in headers.
 #[tokio::test]
-async fn serial_unknown_types_are_skipped_and_poison_goes_to_a_dead_letter_topic() {
+async fn unknown_types_are_skipped_and_poison_goes_to_a_dead_letter_topic() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    let (_broker, brokers) = private_broker().await;
+    let (_broker, brokers) = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let dlt = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
@@ -711,10 +706,10 @@ async fn serial_unknown_types_are_skipped_and_poison_goes_to_a_dead_letter_topic
 /// A transient failure is retried with backoff (its writes rolled back each time) and the
 /// partition waits: effects are applied in order, the flaky event once.
 #[tokio::test]
-async fn serial_transient_errors_are_retried_in_order() {
+async fn transient_errors_are_retried_in_order() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    let (_broker, brokers) = private_broker().await;
+    let (_broker, brokers) = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -764,9 +759,9 @@ async fn serial_transient_errors_are_retried_in_order() {
 
 /// `max_attempts` turns a transient failure that never clears into a dead letter.
 #[tokio::test]
-async fn serial_exhausted_retries_are_dead_lettered() {
+async fn exhausted_retries_are_dead_lettered() {
     let db = database().await;
-    let (_broker, brokers) = private_broker().await;
+    let (_broker, brokers) = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -808,9 +803,9 @@ async fn serial_exhausted_retries_are_dead_lettered() {
 /// Graceful shutdown commits the offsets of everything processed: a restarted consumer of
 /// the same group receives only new messages.
 #[tokio::test]
-async fn serial_graceful_shutdown_commits_offsets() {
+async fn graceful_shutdown_commits_offsets() {
     let db = database().await;
-    let (_broker, brokers) = private_broker().await;
+    let (_broker, brokers) = shared_broker().await;
     let topic = topic_on(&brokers, 2).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -895,10 +890,10 @@ impl EventHandler for Blocked {
 /// A partition stuck retrying does not hold up the others, and resumes in order once the
 /// failure clears.
 #[tokio::test]
-async fn serial_a_stuck_partition_does_not_block_the_others() {
+async fn a_stuck_partition_does_not_block_the_others() {
     use std::sync::atomic::Ordering;
     let db = database().await;
-    let (_broker, brokers) = private_broker().await;
+    let (_broker, brokers) = shared_broker().await;
     let topic = topic_on(&brokers, 2).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);

@@ -31,7 +31,7 @@
 //!
 //! # Guarantees
 //!
-//! Each is tested against the real PostgreSQL and the Kafka-protocol broker (`tests/`).
+//! Each is tested against the real PostgreSQL and the Kafka broker (`tests/`).
 //!
 //! 1. **Atomic with the business change.** [`Outbox::record`] writes into the caller's
 //!    transaction: a rolled-back transaction's events are never published, a committed

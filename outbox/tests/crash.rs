@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventful_outbox::{Error, KafkaPublisher, NewEvent, OutboxRecord, Publisher, Relay};
-use eventful_test_support::{kafka, wait_until, TansuBroker};
+use eventful_test_support::{kafka, wait_until, KafkaBroker};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -44,7 +44,7 @@ impl Publisher for AckThenHang {
 async fn serial_relay_killed_between_broker_ack_and_mark_republishes_after_restart() {
     let (db, outbox) = common::setup().await;
     // A private broker: this test must not depend on other traffic on the shared one.
-    let broker = TansuBroker::start().await;
+    let broker = KafkaBroker::start().await;
     let brokers = broker.brokers();
     let topic = format!("outbox-{}", Uuid::new_v4().simple());
     kafka::create_topic_on(&brokers, &topic, 3).await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventful_outbox::{KafkaPublisher, NewEvent, Relay};
-use eventful_test_support::{kafka, wait_until, TansuBroker};
+use eventful_test_support::{kafka, wait_until, KafkaBroker};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -18,7 +18,7 @@ use uuid::Uuid;
 async fn serial_relays_never_publish_the_same_event_concurrently_and_take_over_a_dead_relay() {
     let (db, outbox) = common::setup().await;
     // A private broker: this test must not depend on other traffic on the shared one.
-    let broker = TansuBroker::start().await;
+    let broker = KafkaBroker::start().await;
     let brokers = broker.brokers();
     let topic = format!("outbox-{}", Uuid::new_v4().simple());
     kafka::create_topic_on(&brokers, &topic, 4).await;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventful_outbox::{KafkaPublisher, NewEvent, Relay};
-use eventful_test_support::{kafka, wait_until, TansuBroker};
+use eventful_test_support::{kafka, wait_until, KafkaBroker};
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -27,7 +27,7 @@ async fn serial_three_relays_keep_per_key_commit_order_across_a_crash() {
         .await
         .unwrap();
     // A private broker: this test must not depend on other traffic on the shared one.
-    let broker = TansuBroker::start().await;
+    let broker = KafkaBroker::start().await;
     let brokers = broker.brokers();
     let topic = format!("outbox-{}", Uuid::new_v4().simple());
     kafka::create_topic_on(&brokers, &topic, 4).await;

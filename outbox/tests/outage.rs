@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventful_outbox::{KafkaPublisher, NewEvent, Relay};
-use eventful_test_support::{kafka, wait_until, TansuBroker};
+use eventful_test_support::{kafka, wait_until, KafkaBroker};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -21,7 +21,7 @@ const OUTAGE: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serial_broker_paused_for_30s_backs_off_and_drains_in_order() {
     let (db, outbox) = common::setup().await;
-    let broker = TansuBroker::start().await;
+    let broker = KafkaBroker::start().await;
     let brokers = broker.brokers();
     let topic = format!("outage-{}", Uuid::new_v4().simple());
     kafka::create_topic_on(&brokers, &topic, 3).await;

@@ -3,7 +3,7 @@
 //! `eventful-idempotency` inbox consumer (via `eventful_saga::participant`), whose replies
 //! go back through their outbox, the relay and Kafka to the coordinator's reply consumer
 //! (`Coordinator::reply_handler`). Midway the coordinator is stopped (or killed) and a new
-//! one takes over the same consumer group. Runs on a private Tansu broker (`TansuBroker`).
+//! one takes over the same consumer group. Runs on the shared broker, on topics of its own.
 
 #![cfg(feature = "kafka")]
 
@@ -14,7 +14,7 @@ use std::time::Duration;
 use eventful_idempotency::{ConsumerOptions, InboxConsumer};
 use eventful_outbox::{KafkaPublisher, Relay};
 use eventful_saga::{participant, Coordinator, SagaStatus, StepKind, REPLY_EVENT_TYPE};
-use eventful_test_support::{kafka, wait_until, TansuBroker};
+use eventful_test_support::{kafka, wait_until};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -32,9 +32,9 @@ fn coordinator_on(
         .unwrap()
 }
 
-/// Tansu 0.6 only expires a vanished group member (a leader left behind by a rejoin, say)
-/// once its session times out, checked when another member's request arrives; librdkafka's
-/// 45 s default would stall the group that long. 10 s with 1 s heartbeats bounds it.
+/// A member that vanishes without leaving keeps its partitions until its session times out;
+/// librdkafka's 45 s default would stall the takeover that long. 10 s with 1 s heartbeats
+/// bounds it.
 fn with_short_sessions(options: ConsumerOptions) -> ConsumerOptions {
     options
         .set("session.timeout.ms", "10000")
@@ -73,16 +73,16 @@ async fn serial_sagas_survive_an_abrupt_kill_of_the_kafka_reply_consumer() {
 }
 
 async fn end_to_end(abrupt: bool) {
-    // A private broker: the shared one is busy with every other crate's tests.
-    let broker = TansuBroker::start().await;
-    let brokers = broker.brokers();
+    let brokers = kafka::brokers();
     let timeout = Duration::from_secs(60);
     let h = Harness::new(timeout).await;
     create_participant_table(&h.db.pool).await;
     let mut names = Vec::new();
+    let run = uuid::Uuid::now_v7().simple().to_string();
     for name in ["inventory", "payments", "shipping", "saga-replies"] {
-        kafka::create_topic_on(&brokers, name, 2).await;
-        names.push(name.to_owned());
+        let topic = format!("test-{name}-{run}");
+        kafka::create_topic_on(&brokers, &topic, 2).await;
+        names.push(topic);
     }
     let replies = names.pop().unwrap();
     let topics: [String; 3] = names.try_into().unwrap();
@@ -236,5 +236,4 @@ async fn end_to_end(abrupt: bool) {
     b_consumer.await.unwrap().unwrap();
     participants.await.unwrap().unwrap();
     relay.await.unwrap().unwrap();
-    drop(broker);
 }

@@ -1,4 +1,4 @@
-//! Topics and clients on the Kafka-protocol broker (`KAFKA_BROKERS`, default `127.0.0.1:9092`).
+//! Topics and clients on the Kafka broker (`KAFKA_BROKERS`, default `127.0.0.1:9092`).
 
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ pub async fn require_broker(brokers: &str) {
         match fetch_any_metadata(brokers).await {
             Ok(()) => return,
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                panic!("the Kafka-protocol broker is not reachable at {brokers}: {e}; {START_HINT}")
+                panic!("the Kafka broker is not reachable at {brokers}: {e}; {START_HINT}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }

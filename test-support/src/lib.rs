@@ -4,12 +4,12 @@
 //!
 //! - [`TestDatabase::create`]: a fresh PostgreSQL database named `eventful_test_<uuid>`;
 //! - [`TestRedis::connect`]: a unique key prefix on the shared Redis;
-//! - [`kafka::create_topic`]: a fresh topic with a unique name on the Kafka-protocol broker.
+//! - [`kafka::create_topic`]: a fresh topic with a unique name on the Kafka broker.
 //!
 //! A required service that cannot be reached makes the test **fail** (panic) with a
 //! message naming the service and how to start it: nothing is ever skipped.
 //!
-//! For failure tests that must stop or restart a server, [`TansuBroker`] and
+//! For failure tests that must stop or restart a server, [`KafkaBroker`] (Apache Kafka) and
 //! [`RedisServer`] run private instances on spare ports, so the shared services the rest
 //! of the suite relies on are never disturbed.
 
@@ -19,7 +19,7 @@ mod process;
 mod redis_support;
 
 pub use postgres::{database_url, TestDatabase, DEFAULT_DATABASE_URL};
-pub use process::{spare_port, tansu_bin, RedisServer, TansuBroker};
+pub use process::{kafka_home, spare_port, KafkaBroker, RedisServer, KAFKA_VERSION};
 pub use redis_support::{TestRedis, DEFAULT_REDIS_URL};
 
 use std::future::Future;

@@ -33,38 +33,105 @@ fn signal(pid: Option<u32>, name: &str) {
     }
 }
 
-/// Path of the `tansu` binary: `TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu` on `PATH`.
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(bin) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(bin);
+/// The Apache Kafka version `scripts/services` fetches (`scripts/kafka/version`).
+pub const KAFKA_VERSION: &str = include_str!("../../scripts/kafka/version").trim_ascii();
+
+const SERVER_PROPERTIES: &str = include_str!("../../scripts/kafka/server.properties");
+const LOG4J2_PROPERTIES: &str = include_str!("../../scripts/kafka/log4j2.properties");
+
+/// The folder holding Apache Kafka's jars in `libs/`: `EVENTFUL_KAFKA_HOME`, else
+/// `~/.cache/eventful/kafka-<version>`, where `scripts/services install` puts them.
+pub fn kafka_home() -> PathBuf {
+    if let Ok(home) = std::env::var("EVENTFUL_KAFKA_HOME") {
+        return PathBuf::from(home);
     }
-    let cargo_home = env_or("CARGO_HOME", &format!("{}/.cargo", env_or("HOME", "/root")));
-    let candidate = Path::new(&cargo_home).join("bin/tansu");
-    if candidate.exists() {
-        candidate
-    } else {
-        PathBuf::from("tansu")
-    }
+    let home = env_or("HOME", "/root");
+    Path::new(&home).join(format!(".cache/eventful/kafka-{KAFKA_VERSION}"))
 }
 
-/// A private Tansu broker on a spare port with SQLite storage in a temporary directory.
+fn java_bin() -> PathBuf {
+    std::env::var("JAVA_HOME")
+        .map(|home| Path::new(&home).join("bin/java"))
+        .ok()
+        .filter(|java| java.exists())
+        .unwrap_or_else(|| PathBuf::from("java"))
+}
+
+/// A `java` command with Kafka's jars on the class path and its log going to `dir`.
+fn kafka_java(dir: &Path, heap: &str) -> Command {
+    let libs = kafka_home().join("libs");
+    if !libs.join(".complete").exists() {
+        panic!(
+            "Apache Kafka {KAFKA_VERSION}'s jars are not in {}: run `scripts/services install`",
+            libs.display()
+        );
+    }
+    let mut command = Command::new(java_bin());
+    command
+        .arg(format!("-Xmx{heap}"))
+        .args([
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+        ])
+        .arg(format!("-Dkafka.logs.dir={}", dir.display()))
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            dir.join("log4j2.properties").display()
+        ))
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()));
+    command
+}
+
+/// A private single-node Apache Kafka broker (KRaft: broker and controller in one process)
+/// on spare ports, with its data in a temporary directory.
 ///
-/// Data and committed offsets survive [`TansuBroker::restart`]. [`TansuBroker::pause`]
-/// freezes the process (SIGSTOP) so clients see a broker that stops answering.
-pub struct TansuBroker {
+/// Data, committed offsets and groups survive [`KafkaBroker::restart`].
+/// [`KafkaBroker::pause`] freezes the process (SIGSTOP) so clients see a broker that stops
+/// answering. A failing test prints the end of the broker's log.
+pub struct KafkaBroker {
     child: Option<Child>,
     dir: tempfile::TempDir,
     port: u16,
 }
 
-impl TansuBroker {
-    /// Starts a broker and waits until it accepts connections.
+impl KafkaBroker {
+    /// Formats the storage, starts the broker and waits until it accepts connections.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}"));
+        let port = spare_port();
+        let controller_port = spare_port();
+        let properties = SERVER_PROPERTIES
+            .replace("@PORT@", &port.to_string())
+            .replace("@CONTROLLER_PORT@", &controller_port.to_string())
+            .replace("@DATA_DIR@", &dir.path().join("data").display().to_string());
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.path().join(name), text)
+                .unwrap_or_else(|e| panic!("writing {name} for the private broker: {e}"))
+        };
+        write("server.properties", &properties);
+        write("log4j2.properties", LOG4J2_PROPERTIES);
+        let format = kafka_java(dir.path(), "256m")
+            .args(["kafka.tools.StorageTool", "format", "--standalone"])
+            // Any fixed 16-byte base64 id will do for a private one-node cluster.
+            .args(["--cluster-id", "ZXZlbnRmdWwtdGVzdC1jbA"])
+            .arg("--config")
+            .arg(dir.path().join("server.properties"))
+            .stdout(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run java for Kafka's storage tool: {e}"));
+        if !format.status.success() {
+            panic!(
+                "formatting the private broker's storage failed: {}",
+                String::from_utf8_lossy(&format.stderr)
+            );
+        }
         let mut broker = Self {
             child: None,
             dir,
-            port: spare_port(),
+            port,
         };
         broker.spawn().await;
         broker
@@ -81,36 +148,21 @@ impl TansuBroker {
     }
 
     async fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self.dir.path().join("tansu.log"))
-            .unwrap_or_else(|e| panic!("tansu log file: {e}"));
-        let child = Command::new(tansu_bin())
-            .current_dir(self.dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            // TANSU_LOG (e.g. `info`) raises the broker's own log level for a diagnosis.
-            .env("RUST_LOG", crate::env_or("TANSU_LOG", "warn"))
-            .stdout(Stdio::null())
-            .stderr(log)
+        let stdout = std::fs::File::create(self.dir.path().join("stdout.log"))
+            .unwrap_or_else(|e| panic!("private broker's stdout file: {e}"));
+        let child = kafka_java(self.dir.path(), "512m")
+            .arg("kafka.Kafka")
+            .arg(self.dir.path().join("server.properties"))
+            .stdout(stdout)
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {}: {e}; install it with `scripts/services up`",
-                    tansu_bin().display()
-                )
-            });
+            .unwrap_or_else(|e| panic!("cannot start the private Kafka broker: {e}"));
         self.child = Some(child);
         let port = self.port;
         wait_until(
-            "the private tansu broker listens",
-            Duration::from_secs(30),
+            "the private Kafka broker listens",
+            Duration::from_secs(60),
             || port_open(port),
         )
         .await;
@@ -134,25 +186,25 @@ impl TansuBroker {
         }
     }
 
-    /// Kills the broker and starts it again on the same port and the same SQLite file.
+    /// Kills the broker and starts it again on the same ports and the same data.
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn().await;
     }
 }
 
-impl Drop for TansuBroker {
+impl Drop for KafkaBroker {
     /// A failing test shows the end of the broker's log, which its temporary directory
     /// would otherwise take with it.
     fn drop(&mut self) {
         if !std::thread::panicking() {
             return;
         }
-        let log = std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let tail = &lines[lines.len().saturating_sub(200)..];
         eprintln!(
-            "--- last {} lines of the private tansu broker's log ---\n{}",
+            "--- last {} lines of the private Kafka broker's log ---\n{}",
             tail.len(),
             tail.join("\n")
         );

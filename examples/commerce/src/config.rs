@@ -61,7 +61,7 @@ impl Settings {
             reservation_ttl: Duration::from_millis(parse("ORDER_RESERVATION_TTL_MS", 600_000)?),
             expiry_interval: Duration::from_millis(parse("ORDER_EXPIRY_INTERVAL_MS", 1_000)?),
             payment_limit: parse("PAYMENT_LIMIT", 100_000)?,
-            session_timeout: Duration::from_millis(parse("COMMERCE_SESSION_TIMEOUT_MS", 30_000)?),
+            session_timeout: Duration::from_millis(parse("COMMERCE_SESSION_TIMEOUT_MS", 10_000)?),
         })
     }
 

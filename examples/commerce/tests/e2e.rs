@@ -1,5 +1,5 @@
 //! End-to-end: the four real service binaries over HTTP, against the real PostgreSQL, Redis
-//! and Kafka-protocol broker. Names start with `serial_`: each starts four processes, so
+//! and Kafka broker. Names start with `serial_`: each starts four processes, so
 //! nextest runs them one at a time.
 
 mod support;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use eventful_test_support::{kafka, spare_port, wait_until, TansuBroker, TestDatabase, TestRedis};
+use eventful_test_support::{kafka, spare_port, wait_until, TestDatabase, TestRedis};
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -29,8 +29,6 @@ pub struct System {
     pub topic: String,
     pub database_prefix: String,
     pub brokers: String,
-    /// A private broker: other tests' load on a shared one stalls group coordination.
-    _broker: TansuBroker,
 }
 
 /// Knobs a test may turn.
@@ -54,8 +52,7 @@ impl System {
         eventful_test_support::init_tracing();
         // Fail loudly, naming the service, when one is missing.
         let _ = TestRedis::connect().await;
-        let broker = TansuBroker::start().await;
-        let brokers = broker.brokers();
+        let brokers = kafka::brokers();
         kafka::require_broker(&brokers).await;
         let id = Uuid::new_v4().simple().to_string();
         let topic = format!("test-commerce-{id}");
@@ -84,7 +81,8 @@ impl System {
                 "PAYMENT_LIMIT".to_owned(),
                 options.payment_limit.to_string(),
             ),
-            // A private, lightly loaded broker: killed services hand over within seconds.
+            // A SIGKILLed member keeps its partitions until its session times out: keep the
+            // hand-over short.
             ("COMMERCE_SESSION_TIMEOUT_MS".to_owned(), "6000".to_owned()),
             (
                 "RUST_LOG".to_owned(),
@@ -108,7 +106,6 @@ impl System {
             topic,
             database_prefix,
             brokers,
-            _broker: broker,
         };
         for service in services {
             system.spawn(service).await;

@@ -72,8 +72,8 @@ type Client = StreamConsumer<InboxContext>;
 
 /// Workers hold the client weakly: the polling loop owns it alone, so when the loop's
 /// future is dropped (an aborted task) the client closes and leaves the group right
-/// then, not whenever the last aborted worker gets dropped. (A late LeaveGroup racing a
-/// successor's JoinGroup wedges Tansu 0.6's group coordinator.)
+/// then, not whenever the last aborted worker gets dropped, so its partitions are handed
+/// over at once instead of after the session timeout.
 struct KafkaOffsets(Weak<Client>);
 
 impl OffsetStore for KafkaOffsets {
