@@ -10,22 +10,28 @@
 //! | `reservation` | [`eventful-reservation`](reservation) | overselling: atomic Redis-Lua stock holds |
 //! | `saga` | [`eventful-saga`](saga) | flows across services: steps with compensations |
 //!
-//! `kafka` turns on the Kafka backends, `axum` the HTTP `Idempotency-Key` layer, `full` everything.
+//! `kafka` turns on the Kafka backends of every crate that is enabled, `redis` the Redis
+//! reservation store, `axum` the HTTP `Idempotency-Key` layer, `full` everything.
 //!
 //! ```toml
 //! eventful = { version = "0.1", features = ["outbox", "kafka"] }
 //! ```
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "idempotency")]
+#[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 #[doc(inline)]
 pub use eventful_idempotency as idempotency;
 #[cfg(feature = "outbox")]
+#[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
 #[doc(inline)]
 pub use eventful_outbox as outbox;
 #[cfg(feature = "reservation")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reservation")))]
 #[doc(inline)]
 pub use eventful_reservation as reservation;
 #[cfg(feature = "saga")]
+#[cfg_attr(docsrs, doc(cfg(feature = "saga")))]
 #[doc(inline)]
 pub use eventful_saga as saga;

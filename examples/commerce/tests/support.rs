@@ -35,6 +35,9 @@ pub struct System {
 pub struct Options {
     pub reservation_ttl_ms: u64,
     pub payment_limit: i64,
+    /// Partitions of the test's topic. One by default: a marker event then proves that
+    /// everything before it was consumed.
+    pub partitions: i32,
 }
 
 impl Default for Options {
@@ -42,6 +45,7 @@ impl Default for Options {
         Self {
             reservation_ttl_ms: 600_000,
             payment_limit: 1_000,
+            partitions: 1,
         }
     }
 }
@@ -56,8 +60,7 @@ impl System {
         kafka::require_broker(&brokers).await;
         let id = Uuid::new_v4().simple().to_string();
         let topic = format!("test-commerce-{id}");
-        // One partition: a marker event proves everything before it was consumed.
-        kafka::create_topic_on(&brokers, &topic, 1).await;
+        kafka::create_topic_on(&brokers, &topic, options.partitions).await;
         let database_prefix = format!("eventful_test_{}_", &id[..12]);
         let ports: HashMap<&'static str, u16> =
             SERVICES.iter().map(|s| (*s, spare_port())).collect();
@@ -65,7 +68,10 @@ impl System {
             ("DATABASE_URL".to_owned(), TestDatabase::admin_url()),
             ("KAFKA_BROKERS".to_owned(), brokers.clone()),
             ("COMMERCE_TOPIC".to_owned(), topic.clone()),
-            ("COMMERCE_TOPIC_PARTITIONS".to_owned(), "1".to_owned()),
+            (
+                "COMMERCE_TOPIC_PARTITIONS".to_owned(),
+                options.partitions.to_string(),
+            ),
             (
                 "COMMERCE_DATABASE_PREFIX".to_owned(),
                 database_prefix.clone(),
@@ -280,4 +286,20 @@ impl System {
         pool.close().await;
         count
     }
+}
+
+/// Waits until `sql` (a count on `service`'s database) reaches `expected`.
+pub async fn wait_for_count(
+    system: &System,
+    service: &str,
+    sql: &str,
+    expected: i64,
+    timeout: Duration,
+) {
+    let what = format!("{service}: {sql} reaches {expected}");
+    wait_until(&what, timeout, || async {
+        system.count(service, sql).await >= expected
+    })
+    .await;
+    assert_eq!(system.count(service, sql).await, expected, "{sql}");
 }
