@@ -51,3 +51,57 @@ pub fn reserve_script_source() -> &'static str {
         include_str!("../../lua/reserve.lua")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every script file, as sent (each prefixed with `common.lua`).
+    const SOURCES: [(&str, &str); 7] = [
+        ("common.lua", include_str!("../../lua/common.lua")),
+        ("reserve.lua", include_str!("../../lua/reserve.lua")),
+        ("settle.lua", include_str!("../../lua/settle.lua")),
+        ("due.lua", include_str!("../../lua/due.lua")),
+        ("set_stock.lua", include_str!("../../lua/set_stock.lua")),
+        (
+            "adjust_stock.lua",
+            include_str!("../../lua/adjust_stock.lua"),
+        ),
+        ("reservation.lua", include_str!("../../lua/reservation.lua")),
+    ];
+    /// Names the scripts give to keys; each must be bound from `KEYS` only.
+    const KEY_NAMES: [&str; 4] = ["key", "res_key", "expiries_key", "m[1]"];
+
+    /// A static check next to the cluster test (tests/cluster_migration.rs): the key of
+    /// every `redis.call` is `KEYS[..]` or a name bound from `KEYS`, and no script builds
+    /// a key by concatenation (the one `..` on a prefix only compares declared keys).
+    #[test]
+    fn scripts_touch_only_declared_keys() {
+        for (file, source) in SOURCES {
+            for (n, line) in source.lines().enumerate() {
+                let code = line.split("--").next().unwrap_or_default().trim();
+                let at = format!("{file}:{}: {code}", n + 1);
+                if let Some(call) = code.split("redis.call(").nth(1) {
+                    let args: Vec<&str> = call.split(", ").map(str::trim).collect();
+                    if args[0] != "'TIME')" {
+                        let key = args.get(1).copied().unwrap_or_default();
+                        assert!(
+                            key.starts_with("KEYS[") || KEY_NAMES.contains(&key),
+                            "undeclared key argument {key:?} at {at}"
+                        );
+                    }
+                }
+                if let Some(binding) = code.strip_prefix("local ") {
+                    if let Some((names, values)) = binding.split_once(" = ") {
+                        for (name, value) in names.split(", ").zip(values.split(", ")) {
+                            if KEY_NAMES.contains(&name) {
+                                assert!(value.starts_with("KEYS["), "{name} not from KEYS at {at}");
+                            }
+                        }
+                    }
+                }
+                if code.contains(" .. ") {
+                    assert!(code.contains("~= stock_prefix .."), "string built at {at}");
+                }
+            }
+        }
+    }
+}
