@@ -7,7 +7,15 @@
 --   <prefix>{<ns>}:expiries     zset  reservation id scored by its deadline (unix ms)
 -- `items` is a JSON array of strings: sku1, qty1, sku2, qty2, ... (sorted by sku).
 --
+-- Every key a script touches is declared in KEYS (never built from stored data): Redis
+-- Cluster checks declared keys before the script runs, but an undeclared key only when
+-- the script reaches it, after its earlier writes (e.g. mid slot migration).
+--
 -- Lua has no rollback: every script validates everything first and writes second.
+
+-- The largest total (available + held + sold) of one SKU: 2^53 - 1, so every quantity
+-- and every sum of them is exact in a Lua double and fits HINCRBY's int64.
+local MAX_STOCK = 9007199254740991
 
 -- Server time in unix milliseconds, so the clients' clocks never matter.
 local function now_ms()
@@ -15,16 +23,84 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Moves the quantities of a reservation's items from field `from` to field `to` of each
--- stock hash (held -> available on release/expiry, held -> sold on confirm).
-local function move_items(stock_prefix, items_json, from, to)
-  local items = cjson.decode(items_json)
-  for i = 1, #items, 2 do
-    local key = stock_prefix .. items[i]
-    local qty = tonumber(items[i + 1])
-    redis.call('HINCRBY', key, from, -qty)
-    redis.call('HINCRBY', key, to, qty)
+-- A stored count: a decimal integer in [0, MAX_STOCK] (a missing field is 0), else nil.
+local function count(raw)
+  if not raw then
+    return 0
   end
+  if not string.match(raw, '^%d+$') or string.len(raw) > 16 then
+    return nil
+  end
+  local n = tonumber(raw)
+  if n > MAX_STOCK then
+    return nil
+  end
+  return n
+end
+
+-- Reads a stock hash. Returns nil if the SKU is unknown (no `available`), the level
+-- {available, held, sold} if it is within the limits, or false and the raw fields if not
+-- (data written before MAX_STOCK existed, or by hand): such a SKU is refused, not
+-- half-updated.
+local function read_level(key)
+  local raw = redis.call('HMGET', key, 'available', 'held', 'sold')
+  if not raw[1] then
+    return nil
+  end
+  local available, held, sold = count(raw[1]), count(raw[2]), count(raw[3])
+  if available and held and sold and available <= MAX_STOCK - held - sold then
+    return {available, held, sold}
+  end
+  return false, raw
+end
+
+-- The reply for a SKU whose stored level is out of bounds.
+local function corrupt_reply(sku, raw)
+  return {'corrupt', sku, raw[1] or '0', raw[2] or '0', raw[3] or '0'}
+end
+
+-- Whether KEYS[first], KEYS[first + 1], ... are exactly the stock keys of `items_json`'s
+-- SKUs, in order (the client declares them from the same canonical list).
+local function keys_match(first, stock_prefix, items_json)
+  local ok, items = pcall(cjson.decode, items_json)
+  if not ok or type(items) ~= 'table' or #KEYS - first + 1 ~= #items / 2 then
+    return false
+  end
+  for i = 1, #items, 2 do
+    if KEYS[first + (i - 1) / 2] ~= stock_prefix .. items[i] then
+      return false
+    end
+  end
+  return true
+end
+
+-- Moves the quantities of a reservation's items from `held` to field `to` of their stock
+-- hashes KEYS[first], KEYS[first + 1], ... (to `available` on release/expiry, to `sold`
+-- on confirm). Checks every level first; returns a 'corrupt' reply and writes nothing if
+-- one is out of bounds, else nil. `held` never goes below zero (a stock hash deleted by
+-- hand while held is recreated with the returned quantities), as in the in-memory store.
+local function move_items(first, items_json, to)
+  local items = cjson.decode(items_json)
+  local moves = {}
+  for i = 1, #items, 2 do
+    local key = KEYS[first + (i - 1) / 2]
+    local qty = tonumber(items[i + 1])
+    local level, raw = read_level(key)
+    if level == false then
+      return corrupt_reply(items[i], raw)
+    end
+    level = level or {0, 0, 0}
+    local unheld = math.min(level[2], qty)
+    if level[1] + level[2] + level[3] - unheld + qty > MAX_STOCK then
+      return corrupt_reply(items[i], redis.call('HMGET', key, 'available', 'held', 'sold'))
+    end
+    moves[#moves + 1] = {key, unheld, qty}
+  end
+  for _, m in ipairs(moves) do
+    redis.call('HINCRBY', m[1], 'held', -m[2])
+    redis.call('HINCRBY', m[1], to, m[3])
+  end
+  return nil
 end
 
 -- Puts a reservation in its final state: off the expiry index, kept for `retention_ms`

@@ -1,10 +1,11 @@
 -- reserve: hold every item of a reservation, all or nothing; idempotent by reservation id.
 -- KEYS[1] reservation hash, KEYS[2] expiries zset, KEYS[2+i] stock hash of item i
 -- ARGV[1] reservation id, ARGV[2] ttl ms, ARGV[3] retention ms, ARGV[4] stock key prefix,
--- ARGV[5] items JSON (canonical), ARGV[5+i] quantity of item i
+-- ARGV[5] items JSON (canonical), ARGV[5+i] quantity of item i (at most MAX_STOCK)
 -- Returns {'created', 'held', expires_at} (the caller knows the items),
 -- {kind, state, expires_at, items} with kind existing|conflict,
--- or {'unknown_sku', sku} / {'insufficient', sku, requested, available}.
+-- or {'unknown_sku', sku} / {'insufficient', sku, requested, available} /
+-- {'corrupt', sku, available, held, sold}.
 local res_key, expiries_key = KEYS[1], KEYS[2]
 local id, stock_prefix, items_json = ARGV[1], ARGV[4], ARGV[5]
 local retention = tonumber(ARGV[3])
@@ -12,19 +13,30 @@ local now = now_ms()
 
 local stored = redis.call('HMGET', res_key, 'state', 'items', 'expires_at')
 if stored[1] then
-  -- The id is known: report it, holding nothing more. A hold past its deadline that the
-  -- reaper has not reached yet expires now, so the answer never shows a dead hold.
+  -- The id is known: report it, holding nothing more.
   local state, expires_at = stored[1], tonumber(stored[3])
+  if stored[2] ~= items_json then
+    -- Other items: the declared stock keys are not this record's, so touch nothing (a
+    -- hold past its deadline is still reported as expired, like `reservation`).
+    if state == 'held' and now >= expires_at then
+      state = 'expired'
+    end
+    return {'conflict', state, expires_at, stored[2]}
+  end
+  -- A hold past its deadline that the reaper has not reached yet expires now, so the
+  -- answer never shows a dead hold. Its items are the declared ones.
   if state == 'held' and now >= expires_at then
-    move_items(stock_prefix, stored[2], 'held', 'available')
+    if not keys_match(3, stock_prefix, items_json) then
+      return redis.error_reply('reserve: the declared keys are not the items\' stock keys')
+    end
+    local corrupt = move_items(3, stored[2], 'available')
+    if corrupt then
+      return corrupt
+    end
     finish(res_key, expiries_key, id, 'expired', retention)
     state = 'expired'
   end
-  local kind = 'existing'
-  if stored[2] ~= items_json then
-    kind = 'conflict'
-  end
-  return {kind, state, expires_at, stored[2]}
+  return {'existing', state, expires_at, stored[2]}
 end
 
 local n = #KEYS - 2
@@ -32,16 +44,19 @@ local prefix_len = string.len(stock_prefix)
 -- Validate every item first ...
 for i = 1, n do
   local qty = tonumber(ARGV[5 + i])
-  local available = tonumber(redis.call('HGET', KEYS[2 + i], 'available'))
   local sku = string.sub(KEYS[2 + i], prefix_len + 1)
-  if not available then
+  local level, raw = read_level(KEYS[2 + i])
+  if level == nil then
     return {'unknown_sku', sku}
   end
-  if available < qty then
-    return {'insufficient', sku, qty, available}
+  if level == false then
+    return corrupt_reply(sku, raw)
+  end
+  if level[1] < qty then
+    return {'insufficient', sku, qty, level[1]}
   end
 end
--- ... then write.
+-- ... then write (stock only moves from available to held: totals stay within limits).
 for i = 1, n do
   local qty = tonumber(ARGV[5 + i])
   redis.call('HINCRBY', KEYS[2 + i], 'available', -qty)

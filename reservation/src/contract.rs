@@ -15,7 +15,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use crate::{Error, ReservationState, ReservationStore, StockLevel};
+use crate::{Error, ReservationState, ReservationStore, StockLevel, MAX_QUANTITY, MAX_STOCK};
 
 /// Generates one `#[tokio::test]` per contract function; `$factory` is an expression
 /// evaluating to a future of a fresh store, evaluated once per test.
@@ -34,7 +34,10 @@ macro_rules! contract_tests {
             concurrent_reapers_expire_each_hold_once,
             confirm_races_expiry,
             no_oversell_under_concurrency,
-            invalid_input
+            invalid_input,
+            stock_limit_is_refused,
+            overflowing_reserve_holds_nothing,
+            expiry_cannot_be_poisoned
         );
     };
     (@each $factory:expr; $($name:ident),*) => {
@@ -492,6 +495,172 @@ pub async fn invalid_input(store: &dyn ReservationStore) {
     ));
     assert_eq!(store.reservation("r").await.unwrap(), None);
     assert_eq!(level(store, "a").await, StockLevel::new(10, 0, 0));
+}
+
+/// `set_stock` / `adjust_stock` refuse to take a SKU's total above [`MAX_STOCK`], and a
+/// refused call changes nothing; up to the limit everything works.
+pub async fn stock_limit_is_refused(store: &dyn ReservationStore) {
+    assert_eq!(
+        store.set_stock("a", MAX_STOCK).await.unwrap(),
+        StockLevel::new(MAX_STOCK, 0, 0)
+    );
+    for over in [MAX_STOCK + 1, i64::MAX as u64, u64::MAX] {
+        match store.set_stock("b", over).await {
+            Err(Error::StockLimit {
+                sku,
+                available,
+                held: 0,
+                sold: 0,
+            }) => assert_eq!((sku.as_str(), available), ("b", over)),
+            other => panic!("set_stock(b, {over}): expected StockLimit, got {other:?}"),
+        }
+    }
+    assert!(
+        matches!(store.stock("b").await, Err(Error::UnknownSku { .. })),
+        "a refused set_stock created the SKU: {:?}",
+        store.stock("b").await
+    );
+    for delta in [1, i64::MAX] {
+        match store.adjust_stock("a", delta).await {
+            Err(Error::StockLimit { sku, .. }) => assert_eq!(sku, "a"),
+            other => panic!("adjust_stock(a, {delta}): expected StockLimit, got {other:?}"),
+        }
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(MAX_STOCK, 0, 0));
+    assert!(matches!(
+        store.adjust_stock("a", i64::MIN).await,
+        Err(Error::InsufficientStock { .. })
+    ));
+    assert_eq!(level(store, "a").await, StockLevel::new(MAX_STOCK, 0, 0));
+    // Held and sold count towards the limit.
+    store.set_stock("c", 10).await.unwrap();
+    store.reserve("r", &[("c", 4)], HOUR).await.unwrap();
+    match store.set_stock("c", MAX_STOCK - 3).await {
+        Err(Error::StockLimit {
+            available, held, ..
+        }) => assert_eq!((available, held), (MAX_STOCK - 3, 4)),
+        other => panic!("expected StockLimit, got {other:?}"),
+    }
+    assert_eq!(level(store, "c").await, StockLevel::new(6, 4, 0));
+    assert_eq!(
+        store.set_stock("c", MAX_STOCK - 4).await.unwrap(),
+        StockLevel::new(MAX_STOCK - 4, 4, 0)
+    );
+    store.confirm("r").await.unwrap();
+    assert_eq!(
+        level(store, "c").await,
+        StockLevel::new(MAX_STOCK - 4, 0, 4)
+    );
+    assert!(matches!(
+        store.adjust_stock("c", 1).await,
+        Err(Error::StockLimit { sold: 4, .. })
+    ));
+    assert_eq!(
+        store.adjust_stock("c", -1).await.unwrap(),
+        StockLevel::new(MAX_STOCK - 5, 0, 4)
+    );
+}
+
+/// A reservation with one item that would overflow, or is invalid, holds nothing of the
+/// others: `available + held + sold` is conserved for every SKU, and nothing is held
+/// without a reservation holding it.
+pub async fn overflowing_reserve_holds_nothing(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    // Refused now. Before the limit it was stored, and every reserve of `a` with `b`
+    // then failed halfway on Redis, leaving a unit of `a` held by no reservation.
+    let huge = store.set_stock("b", u64::MAX).await;
+    for attempt in 0..3 {
+        let result = store.reserve("r", &[("a", 1), ("b", 1)], HOUR).await;
+        let a = level(store, "a").await;
+        match store.reservation("r").await.unwrap() {
+            Some(r) => assert_eq!(
+                (r.state, a),
+                (ReservationState::Held, StockLevel::new(9, 1, 0)),
+                "attempt {attempt}: {result:?}"
+            ),
+            None => assert_eq!(
+                a,
+                StockLevel::new(10, 0, 0),
+                "attempt {attempt}: a refused reservation ({result:?}) left stock of `a` held"
+            ),
+        }
+    }
+    assert!(
+        matches!(huge, Err(Error::StockLimit { .. })),
+        "set_stock(b, u64::MAX): expected StockLimit, got {huge:?}"
+    );
+    // An invalid quantity beside a valid item: refused before anything is written.
+    assert!(matches!(
+        store
+            .reserve("r2", &[("a", 1), ("c", MAX_QUANTITY + 1)], HOUR)
+            .await,
+        Err(Error::InvalidQuantity { .. })
+    ));
+    assert_eq!(store.reservation("r2").await.unwrap(), None);
+    // At the limit everything still moves exactly.
+    store.set_stock("max", MAX_STOCK).await.unwrap();
+    let before = level(store, "a").await;
+    store
+        .reserve("big", &[("a", 1), ("max", MAX_QUANTITY)], HOUR)
+        .await
+        .unwrap();
+    assert_eq!(level(store, "max").await, StockLevel::new(0, MAX_STOCK, 0));
+    store.confirm("big").await.unwrap();
+    assert_eq!(level(store, "max").await, StockLevel::new(0, 0, MAX_STOCK));
+    let a = level(store, "a").await;
+    assert_eq!((a.total(), a.sold), (before.total(), before.sold + 1));
+}
+
+/// Stock near the limit cannot poison expiry: after the holds expire every level still
+/// reads, balances and stays within [`MAX_STOCK`], and a later expiry in the same store
+/// is not stuck behind the first.
+pub async fn expiry_cannot_be_poisoned(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    store.set_stock("b", 10).await.unwrap();
+    let ttl = Duration::from_millis(40);
+    store.reserve("first", &[("a", 5)], ttl).await.unwrap();
+    store.reserve("second", &[("b", 2)], ttl).await.unwrap();
+    // With 5 held, `a` may have at most MAX_STOCK - 5 available.
+    assert_eq!(
+        store.set_stock("a", MAX_STOCK - 5).await.unwrap(),
+        StockLevel::new(MAX_STOCK - 5, 5, 0)
+    );
+    // Both refused now; before the limit both were stored, and the expiry of `first`
+    // then pushed `a` over MAX_STOCK, or failed halfway and stalled every later expiry.
+    let at_limit = store.set_stock("a", MAX_STOCK).await;
+    let too_big = store.set_stock("a", u64::MAX).await;
+    eventually("both holds are past their deadline", || async {
+        store.reservation("second").await.unwrap().unwrap().state == ReservationState::Expired
+    })
+    .await;
+    let (mut reaped, mut errors) = (0, Vec::new());
+    for _ in 0..5 {
+        match store.reap_expired(10).await {
+            Ok(n) => reaped += n,
+            Err(e) => errors.push(e),
+        }
+    }
+    let a = store.stock("a").await;
+    let b = store.stock("b").await;
+    assert!(
+        matches!(&a, Ok(level) if level.held == 0 && level.total() <= MAX_STOCK),
+        "stock(a) after expiry: {a:?} (reap errors: {errors:?})"
+    );
+    assert_eq!(
+        b.unwrap(),
+        StockLevel::new(10, 0, 0),
+        "the later expiry was stuck (reap errors: {errors:?})"
+    );
+    assert_eq!((reaped, errors.len()), (2, 0), "reap errors: {errors:?}");
+    assert_eq!(a.unwrap(), StockLevel::new(MAX_STOCK, 0, 0));
+    assert!(
+        matches!(at_limit, Err(Error::StockLimit { held: 5, .. })),
+        "{at_limit:?}"
+    );
+    assert!(
+        matches!(too_big, Err(Error::StockLimit { .. })),
+        "{too_big:?}"
+    );
 }
 
 /// Final reservations stay readable (and retries idempotent) for the store's retention,

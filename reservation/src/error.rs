@@ -32,6 +32,22 @@ pub enum Error {
         /// The rejected quantity.
         quantity: u64,
     },
+    /// `set_stock` / `adjust_stock` would take the SKU's total (`available + held +
+    /// sold`) above [`MAX_STOCK`](crate::MAX_STOCK); nothing was changed.
+    #[error(
+        "stock limit for SKU {sku:?}: available {available} + held {held} + sold {sold} would exceed {max}",
+        max = crate::MAX_STOCK
+    )]
+    StockLimit {
+        /// The SKU.
+        sku: String,
+        /// The available quantity the refused call asked for.
+        available: u64,
+        /// The held quantity when the call was evaluated.
+        held: u64,
+        /// The sold quantity when the call was evaluated.
+        sold: u64,
+    },
     /// A reservation needs at least one item.
     #[error("a reservation needs at least one item")]
     NoItems,
@@ -71,6 +87,14 @@ pub enum Error {
         /// The reservation id.
         reservation_id: String,
     },
+    /// The reservation's record changed between the read of its items and the write
+    /// that settles it, on every attempt (its id was forgotten after its retention and
+    /// reused meanwhile). Retryable.
+    #[error("reservation {reservation_id:?} changed while being settled; retry")]
+    ReservationChanged {
+        /// The reservation id.
+        reservation_id: String,
+    },
     /// Invalid configuration (e.g. a namespace containing `{` or `}`).
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -91,6 +115,7 @@ impl Error {
         match self {
             #[cfg(feature = "redis")]
             Error::Redis(e) => is_retryable_redis(e),
+            Error::ReservationChanged { .. } => true,
             _ => false,
         }
     }

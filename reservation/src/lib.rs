@@ -25,6 +25,12 @@
 //!   A hold ends exactly once, as confirmed, released or expired.
 //! - **All or nothing.** If one item is short, nothing is held and
 //!   [`Error::InsufficientStock`] names the SKU, the requested and available quantities.
+//! - **Bounded, exact quantities.** A SKU's `available + held + sold` never exceeds
+//!   [`MAX_STOCK`] (2^53 − 1): `set_stock`/`adjust_stock` refuse with
+//!   [`Error::StockLimit`] and change nothing, so every number is exact in Lua and no
+//!   script can overflow after its first write. A stored level beyond the limit (written
+//!   by hand, or before the limit existed) is refused whole the same way, never
+//!   half-updated; `set_stock` repairs it.
 //! - **Idempotent by reservation id.** Reserving a known id returns the existing
 //!   reservation and holds nothing more; confirm and release twice report the state
 //!   again; confirm after release or expiry is refused ([`Error::AlreadyReleased`],
@@ -46,13 +52,19 @@
 //! <prefix>{<namespace>}:expiries     zset  id by deadline (unix ms)
 //! ```
 //!
-//! Every key carries the hash tag `{<namespace>}`, so all keys a script touches are in
-//! one cluster slot. (Confirm, release and the reaper derive the stock and reservation
-//! keys inside the script from the stored items; they share the tag of the declared
-//! keys, which Redis Cluster accepts because they live in the same slot.) The trade-off: one namespace (warehouse, tenant, region) lives on
-//! one shard and is bounded by one Redis core, and a multi-SKU reservation is
-//! all-or-nothing only **within** a namespace. Spread load by using many namespaces
+//! Every key carries the hash tag `{<namespace>}`, so all keys of a namespace are in one
+//! cluster slot, and every script declares in `KEYS` each key it touches. Confirm,
+//! release and the reaper therefore take two steps: read the reservation's items, then
+//! settle it with their stock keys declared (the script re-checks that the record still
+//! has those items, and the client reads again if not). Redis Cluster checks declared
+//! keys *before* a script runs: during a slot migration a call is refused whole
+//! (`TRYAGAIN`, retried) instead of failing halfway after some writes, and proxies that
+//! route by `KEYS` see every key. The trade-off: one namespace (warehouse, tenant,
+//! region) lives on one shard and is bounded by one Redis core, and a multi-SKU
+//! reservation is all-or-nothing only **within** a namespace. Spread load by using many namespaces
 //! (one [`RedisReservations`] each); a reservation across namespaces needs a saga.
+//! `RedisReservations` talks to one node and does not follow `MOVED`/`ASK` redirects:
+//! point it at the node that owns the namespace's slot.
 //!
 //! # Failure modes
 //!
@@ -100,7 +112,7 @@ pub mod redis;
 pub use error::Error;
 pub use memory::InMemoryReservations;
 pub use model::{
-    Reservation, ReservationState, StockLevel, DEFAULT_RETENTION, MAX_QUANTITY, MAX_TTL,
+    Reservation, ReservationState, StockLevel, DEFAULT_RETENTION, MAX_QUANTITY, MAX_STOCK, MAX_TTL,
 };
 pub use reaper::{Reaper, DEFAULT_REAP_BATCH, DEFAULT_REAP_INTERVAL};
 pub use store::ReservationStore;

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use crate::model::{check_id, check_sku, check_ttl, from_unix_ms, normalize_items, unix_ms};
 use crate::{
     Error, Reservation, ReservationState, ReservationStore, StockLevel, DEFAULT_RETENTION,
+    MAX_STOCK,
 };
 
 /// An in-process [`ReservationStore`] (one mutex), for unit tests and embedded use.
@@ -99,6 +100,21 @@ impl InMemoryReservations {
     }
 }
 
+/// Refuses a change that would take the SKU's total above [`MAX_STOCK`], as the Redis
+/// scripts do (there, to keep every number exact in Lua and in `HINCRBY`).
+fn within_limit(sku: &str, available: u64, current: StockLevel) -> Result<(), Error> {
+    let others = current.held.saturating_add(current.sold);
+    if available > MAX_STOCK.saturating_sub(others) {
+        return Err(Error::StockLimit {
+            sku: sku.to_owned(),
+            available,
+            held: current.held,
+            sold: current.sold,
+        });
+    }
+    Ok(())
+}
+
 fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
 }
@@ -123,11 +139,13 @@ impl State {
         }
         for (sku, qty) in &record.items {
             let level = self.stock.entry(sku.clone()).or_default();
+            // Totals stay within MAX_STOCK, so nothing saturates; saturating all the same
+            // so that no path can panic halfway through a settlement.
             level.held = level.held.saturating_sub(*qty);
             if to == ReservationState::Confirmed {
-                level.sold += qty;
+                level.sold = level.sold.saturating_add(*qty);
             } else {
-                level.available += qty;
+                level.available = level.available.saturating_add(*qty);
             }
         }
         record.state = to;
@@ -161,6 +179,8 @@ impl ReservationStore for InMemoryReservations {
     async fn set_stock(&self, sku: &str, available: u64) -> Result<StockLevel, Error> {
         check_sku(sku)?;
         let mut state = self.lock();
+        let current = state.stock.get(sku).copied().unwrap_or_default();
+        within_limit(sku, available, current)?;
         let level = state.stock.entry(sku.to_owned()).or_default();
         level.available = available;
         Ok(*level)
@@ -182,8 +202,9 @@ impl ReservationStore for InMemoryReservations {
                 available: level.available,
             });
         }
-        level.available = u64::try_from(available)
-            .map_err(|_| Error::Protocol(format!("available of {sku:?} overflows")))?;
+        let available = u64::try_from(available).unwrap_or(u64::MAX);
+        within_limit(sku, available, *level)?;
+        level.available = available;
         Ok(*level)
     }
 

@@ -7,6 +7,15 @@ use crate::Error;
 /// The largest quantity of one item (2^53 − 1: Lua numbers are doubles, exact up to here).
 pub const MAX_QUANTITY: u64 = (1 << 53) - 1;
 
+/// The largest total stock of one SKU, `available + held + sold` (2^53 − 1).
+///
+/// Every quantity a script handles is then an integer a Lua double holds exactly and
+/// every sum of them fits an `i64` (`HINCRBY`) and a `u64`, so no operation can overflow
+/// halfway through. `set_stock` and `adjust_stock` refuse to go above it
+/// ([`Error::StockLimit`](crate::Error::StockLimit)); reservations only move stock
+/// between the three fields, so they cannot.
+pub const MAX_STOCK: u64 = (1 << 53) - 1;
+
 /// Default time a reservation record is kept after reaching a final state (7 days).
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 

@@ -11,12 +11,12 @@ use crate::ReservationStore;
 
 /// Default pause between sweeps when nothing is due.
 pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_millis(250);
-/// Default number of holds expired per script call.
+/// Default number of due holds looked at per sweep.
 pub const DEFAULT_REAP_BATCH: usize = 100;
 
 /// Periodically calls [`ReservationStore::reap_expired`] in bounded batches.
 ///
-/// Run one per process or many: each batch is atomic and a reservation is expired once.
+/// Run one per process or many: each hold is expired atomically, and exactly once.
 /// While batches come back full it sweeps again at once; otherwise it waits
 /// [`interval`](Self::interval). Errors are logged and retried after the interval.
 #[derive(Clone)]
@@ -53,7 +53,7 @@ impl Reaper {
         self
     }
 
-    /// Holds expired per call (bounds how long one script blocks Redis).
+    /// Due holds looked at per call (each is expired by its own short script).
     pub fn batch_size(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self

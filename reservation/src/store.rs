@@ -24,12 +24,16 @@ use crate::{Error, Reservation, StockLevel};
 #[async_trait]
 pub trait ReservationStore: Send + Sync {
     /// Sets the available quantity of `sku` (creating the SKU); held and sold are kept.
+    ///
+    /// Refused with [`Error::StockLimit`], changing nothing, if `available + held + sold`
+    /// would exceed [`MAX_STOCK`](crate::MAX_STOCK).
     async fn set_stock(&self, sku: &str, available: u64) -> Result<StockLevel, Error>;
 
     /// Adds `delta` (negative to remove) to the available quantity of a known SKU.
     ///
-    /// Fails with [`Error::InsufficientStock`] rather than going below zero, and with
-    /// [`Error::UnknownSku`] for a SKU never set. Unlike the other operations a delta is
+    /// Fails with [`Error::InsufficientStock`] rather than going below zero, with
+    /// [`Error::StockLimit`] rather than taking the total above
+    /// [`MAX_STOCK`](crate::MAX_STOCK), and with [`Error::UnknownSku`] for a SKU never set. Unlike the other operations a delta is
     /// **not idempotent**: it is never retried automatically, and after a retryable
     /// error it may or may not have applied (read [`stock`](Self::stock), or prefer
     /// [`set_stock`](Self::set_stock), which is idempotent).

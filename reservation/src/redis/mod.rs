@@ -17,6 +17,7 @@ use crate::error::is_retryable_redis;
 use crate::model::{check_id, check_sku, check_ttl, from_unix_ms, normalize_items};
 use crate::{
     Error, Reservation, ReservationState, ReservationStore, StockLevel, DEFAULT_RETENTION,
+    MAX_STOCK,
 };
 use scripts::Scripts;
 
@@ -30,6 +31,11 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default number of attempts of one operation on retryable errors.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+
+/// Reads of a reservation before a settlement gives up with
+/// [`Error::ReservationChanged`] (each retry means its id was forgotten and reused
+/// between a read and the write that followed it).
+const SETTLE_READS: usize = 3;
 
 /// The Redis [`ReservationStore`].
 ///
@@ -142,6 +148,94 @@ impl RedisReservations {
     ) -> Result<Value, Error> {
         self.invoke_with(op, invocation, self.inner.max_attempts)
             .await
+    }
+
+    /// Runs a read-only command, retrying retryable failures like [`invoke`](Self::invoke).
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
+        let mut delay = self.inner.retry_min_delay;
+        let mut attempt = 1;
+        loop {
+            let mut conn = self.connection();
+            match cmd.query_async(&mut conn).await {
+                Ok(value) => return Ok(value),
+                Err(e) if attempt < self.inner.max_attempts && is_retryable_redis(&e) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.inner.retry_max_delay);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The stored `state`, `expires_at` and `items` of a reservation (a plain read: a
+    /// write that follows re-checks them atomically).
+    async fn read_record(&self, reservation_id: &str) -> Result<Option<Vec<Value>>, Error> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.reservation_key(reservation_id))
+            .arg(&["state", "expires_at", "items"]);
+        let fields: Vec<Value> = self.query(&cmd).await?;
+        Ok(if fields.iter().any(|f| matches!(f, Value::Nil)) {
+            None
+        } else {
+            Some(fields)
+        })
+    }
+
+    /// Confirms, releases or expires a hold with the `settle` script, every key declared:
+    /// reads the reservation's items, then settles with their stock keys, again if the
+    /// record changed in between. Returns the reservation after the call and whether this
+    /// call ended the hold, or `None` if the id is unknown.
+    async fn settle(
+        &self,
+        reservation_id: &str,
+        action: &'static str,
+    ) -> Result<Option<(Reservation, bool)>, Error> {
+        for _ in 0..SETTLE_READS {
+            let record = self.read_record(reservation_id).await?;
+            let items = match (record, action) {
+                (Some(fields), _) if text(fields.first())? == "held" => text(fields.get(2))?,
+                // Settled meanwhile: the script drops a deadline left in the index.
+                (Some(fields), "expire") => text(fields.get(2))?,
+                (None, "expire") => String::new(),
+                // A final state never changes: report it, no write needed.
+                (Some(fields), _) => {
+                    let found = parse_reservation(reservation_id, &fields, 0)?;
+                    return Ok(found.map(|r| (r, false)));
+                }
+                (None, _) => return Ok(None),
+            };
+            let mut inv = self
+                .inner
+                .scripts
+                .settle
+                .key(self.reservation_key(reservation_id));
+            inv.key(&self.inner.expiries_key);
+            let skus = if items.is_empty() {
+                Vec::new()
+            } else {
+                parse_items(&items)?
+            };
+            for (sku, _) in &skus {
+                inv.key(self.stock_key(sku));
+            }
+            inv.arg(reservation_id)
+                .arg(action)
+                .arg(self.inner.retention_ms)
+                .arg(&self.inner.stock_prefix)
+                .arg(&items);
+            let reply = array(self.invoke(action, &inv).await?)?;
+            match text(reply.first())?.as_str() {
+                "items_changed" => continue,
+                "corrupt" => return Err(corrupt(&reply)?),
+                _ => {}
+            }
+            return Ok(parse_reservation(reservation_id, &reply, 0)?
+                .map(|r| (r, matches!(reply.get(3), Some(Value::Int(1))))));
+        }
+        Err(Error::ReservationChanged {
+            reservation_id: reservation_id.to_owned(),
+        })
     }
 
     async fn invoke_with(
@@ -372,6 +466,30 @@ fn parse_level(reply: &[Value], at: usize) -> Result<StockLevel, Error> {
     ))
 }
 
+/// The error for `{'corrupt', sku, available, held, sold}`: a stored level outside the
+/// limits (written before [`MAX_STOCK`] existed, or by hand), which the scripts refuse to
+/// touch.
+fn corrupt(reply: &[Value]) -> Result<Error, Error> {
+    let sku = text(reply.get(1))?;
+    let fields = [
+        text(reply.get(2))?,
+        text(reply.get(3))?,
+        text(reply.get(4))?,
+    ];
+    match fields.each_ref().map(|f| f.parse::<u64>()) {
+        [Ok(available), Ok(held), Ok(sold)] => Ok(Error::StockLimit {
+            sku,
+            available,
+            held,
+            sold,
+        }),
+        _ => Ok(protocol(format!(
+            "the stock of SKU {sku:?} is not valid: available {:?}, held {:?}, sold {:?}",
+            fields[0], fields[1], fields[2]
+        ))),
+    }
+}
+
 fn not_found(reservation_id: &str) -> Error {
     Error::ReservationNotFound {
         reservation_id: reservation_id.to_owned(),
@@ -383,16 +501,29 @@ impl ReservationStore for RedisReservations {
     async fn set_stock(&self, sku: &str, available: u64) -> Result<StockLevel, Error> {
         check_sku(sku)?;
         let mut inv = self.inner.scripts.set_stock.key(self.stock_key(sku));
-        inv.arg(available);
+        inv.arg(available).arg(sku);
         let span = tracing::debug_span!("reservation.set_stock", sku, available);
         let reply = array(self.invoke("set_stock", &inv).instrument(span).await?)?;
-        parse_level(&reply, 0)
+        match text(reply.first())?.as_str() {
+            "ok" => parse_level(&reply, 1),
+            "limit" => Err(Error::StockLimit {
+                sku: sku.to_owned(),
+                available,
+                held: int(reply.get(1))?,
+                sold: int(reply.get(2))?,
+            }),
+            "corrupt" => Err(corrupt(&reply)?),
+            other => Err(protocol(format!("set_stock replied {other:?}"))),
+        }
     }
 
     async fn adjust_stock(&self, sku: &str, delta: i64) -> Result<StockLevel, Error> {
         check_sku(sku)?;
+        // Beyond +-2^53 the answer is the same (over the limit, or short), and the script
+        // then only handles numbers a Lua double holds exactly.
+        let bound = i64::try_from(MAX_STOCK).unwrap_or(i64::MAX) + 1;
         let mut inv = self.inner.scripts.adjust_stock.key(self.stock_key(sku));
-        inv.arg(delta).arg(sku);
+        inv.arg(delta.clamp(-bound, bound)).arg(sku);
         let span = tracing::debug_span!("reservation.adjust_stock", sku, delta);
         // A delta is not idempotent: a call that timed out may have applied, so it is
         // never repeated automatically.
@@ -408,9 +539,19 @@ impl ReservationStore for RedisReservations {
             }),
             "insufficient" => Err(Error::InsufficientStock {
                 sku: sku.to_owned(),
-                requested: int(reply.get(2))?,
-                available: int(reply.get(3))?,
+                requested: delta.unsigned_abs(),
+                available: int(reply.get(1))?,
             }),
+            "limit" => {
+                let current = int(reply.get(1))?;
+                Err(Error::StockLimit {
+                    sku: sku.to_owned(),
+                    available: current.saturating_add_signed(delta),
+                    held: int(reply.get(2))?,
+                    sold: int(reply.get(3))?,
+                })
+            }
+            "corrupt" => Err(corrupt(&reply)?),
             other => Err(protocol(format!("adjust_stock replied {other:?}"))),
         }
     }
@@ -464,24 +605,18 @@ impl ReservationStore for RedisReservations {
                 requested: int(reply.get(2))?,
                 available: int(reply.get(3))?,
             }),
+            "corrupt" => Err(corrupt(&reply)?),
             other => Err(protocol(format!("reserve replied {other:?}"))),
         }
     }
 
     async fn confirm(&self, reservation_id: &str) -> Result<Reservation, Error> {
         check_id(reservation_id)?;
-        let mut inv = self
-            .inner
-            .scripts
-            .confirm
-            .key(self.reservation_key(reservation_id));
-        inv.key(&self.inner.expiries_key)
-            .arg(reservation_id)
-            .arg(self.inner.retention_ms)
-            .arg(&self.inner.stock_prefix);
         let span = tracing::debug_span!("reservation.confirm", reservation_id);
-        let reply = array(self.invoke("confirm", &inv).instrument(span).await?)?;
-        let reservation = parse_reservation(reservation_id, &reply, 0)?
+        let (reservation, _) = self
+            .settle(reservation_id, "confirm")
+            .instrument(span)
+            .await?
             .ok_or_else(|| not_found(reservation_id))?;
         let reservation_id = reservation_id.to_owned();
         match reservation.state {
@@ -493,18 +628,11 @@ impl ReservationStore for RedisReservations {
 
     async fn release(&self, reservation_id: &str) -> Result<Reservation, Error> {
         check_id(reservation_id)?;
-        let mut inv = self
-            .inner
-            .scripts
-            .release
-            .key(self.reservation_key(reservation_id));
-        inv.key(&self.inner.expiries_key)
-            .arg(reservation_id)
-            .arg(self.inner.retention_ms)
-            .arg(&self.inner.stock_prefix);
         let span = tracing::debug_span!("reservation.release", reservation_id);
-        let reply = array(self.invoke("release", &inv).instrument(span).await?)?;
-        let reservation = parse_reservation(reservation_id, &reply, 0)?
+        let (reservation, _) = self
+            .settle(reservation_id, "release")
+            .instrument(span)
+            .await?
             .ok_or_else(|| not_found(reservation_id))?;
         match reservation.state {
             ReservationState::Confirmed => Err(Error::AlreadyConfirmed {
@@ -516,26 +644,10 @@ impl ReservationStore for RedisReservations {
 
     async fn stock(&self, sku: &str) -> Result<StockLevel, Error> {
         check_sku(sku)?;
-        let key = self.stock_key(sku);
-        let mut delay = self.inner.retry_min_delay;
-        let mut attempt = 1;
-        let level: Vec<Option<u64>> = loop {
-            let mut conn = self.connection();
-            let result = redis::cmd("HMGET")
-                .arg(&key)
-                .arg(&["available", "held", "sold"])
-                .query_async(&mut conn)
-                .await;
-            match result {
-                Ok(level) => break level,
-                Err(e) if attempt < self.inner.max_attempts && is_retryable_redis(&e) => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.inner.retry_max_delay);
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.stock_key(sku))
+            .arg(&["available", "held", "sold"]);
+        let level: Vec<Option<u64>> = self.query(&cmd).await?;
         match level.as_slice() {
             [Some(available), held, sold] => Ok(StockLevel::new(
                 *available,
@@ -563,13 +675,37 @@ impl ReservationStore for RedisReservations {
         if batch == 0 {
             return Ok(0);
         }
-        let mut inv = self.inner.scripts.reap.key(&self.inner.expiries_key);
-        inv.arg(batch)
-            .arg(&self.inner.res_prefix)
-            .arg(&self.inner.stock_prefix)
-            .arg(self.inner.retention_ms);
         let span = tracing::debug_span!("reservation.reap_expired", batch);
-        let reaped = self.invoke("reap_expired", &inv).instrument(span).await?;
-        usize::try_from(int(Some(&reaped))?).map_err(protocol)
+        async {
+            // The due ids first, then each hold expired by its own script with its keys
+            // declared (concurrently: one multiplexed connection pipelines them).
+            let mut inv = self.inner.scripts.due.key(&self.inner.expiries_key);
+            inv.arg(batch);
+            let due = array(self.invoke("due", &inv).await?)?;
+            let ids = (0..due.len())
+                .map(|i| text(due.get(i)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let results =
+                futures::future::join_all(ids.iter().map(|id| self.settle(id, "expire"))).await;
+            let mut reaped = 0;
+            let mut first_error = None;
+            for (id, result) in ids.iter().zip(results) {
+                match result {
+                    Ok(Some((_, true))) => reaped += 1,
+                    Ok(_) => {}
+                    // One bad hold must not stop the others; it is tried again next sweep.
+                    Err(e) => {
+                        tracing::warn!(reservation_id = %id, error = %e, "cannot expire hold");
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            match first_error {
+                Some(e) if reaped == 0 => Err(e),
+                _ => Ok(reaped),
+            }
+        }
+        .instrument(span)
+        .await
     }
 }

@@ -1,5 +1,9 @@
 //! The Lua scripts, one per operation, each prefixed with `lua/common.lua`.
 //!
+//! Each script touches only the keys it is given in `KEYS`, all of them in the store's
+//! namespace (one hash tag, one cluster slot). Confirm, release and expiry first read the
+//! reservation's items, then call `settle` with their stock keys declared.
+//!
 //! `redis::Script` computes the SHA1 once; `invoke_async` calls `EVALSHA` and, on
 //! `NOSCRIPT` (empty script cache after a restart or failover), loads the script and
 //! calls it again.
@@ -19,9 +23,8 @@ macro_rules! script {
 #[derive(Debug)]
 pub(crate) struct Scripts {
     pub(crate) reserve: Script,
-    pub(crate) confirm: Script,
-    pub(crate) release: Script,
-    pub(crate) reap: Script,
+    pub(crate) settle: Script,
+    pub(crate) due: Script,
     pub(crate) set_stock: Script,
     pub(crate) adjust_stock: Script,
     pub(crate) reservation: Script,
@@ -31,9 +34,8 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Self {
             reserve: script!("reserve.lua"),
-            confirm: script!("confirm.lua"),
-            release: script!("release.lua"),
-            reap: script!("reap.lua"),
+            settle: script!("settle.lua"),
+            due: script!("due.lua"),
             set_stock: script!("set_stock.lua"),
             adjust_stock: script!("adjust_stock.lua"),
             reservation: script!("reservation.lua"),
@@ -48,4 +50,58 @@ pub fn reserve_script_source() -> &'static str {
         include_str!("../../lua/common.lua"),
         include_str!("../../lua/reserve.lua")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every script file, as sent (each prefixed with `common.lua`).
+    const SOURCES: [(&str, &str); 7] = [
+        ("common.lua", include_str!("../../lua/common.lua")),
+        ("reserve.lua", include_str!("../../lua/reserve.lua")),
+        ("settle.lua", include_str!("../../lua/settle.lua")),
+        ("due.lua", include_str!("../../lua/due.lua")),
+        ("set_stock.lua", include_str!("../../lua/set_stock.lua")),
+        (
+            "adjust_stock.lua",
+            include_str!("../../lua/adjust_stock.lua"),
+        ),
+        ("reservation.lua", include_str!("../../lua/reservation.lua")),
+    ];
+    /// Names the scripts give to keys; each must be bound from `KEYS` only.
+    const KEY_NAMES: [&str; 4] = ["key", "res_key", "expiries_key", "m[1]"];
+
+    /// A static check next to the cluster test (tests/cluster_migration.rs): the key of
+    /// every `redis.call` is `KEYS[..]` or a name bound from `KEYS`, and no script builds
+    /// a key by concatenation (the one `..` on a prefix only compares declared keys).
+    #[test]
+    fn scripts_touch_only_declared_keys() {
+        for (file, source) in SOURCES {
+            for (n, line) in source.lines().enumerate() {
+                let code = line.split("--").next().unwrap_or_default().trim();
+                let at = format!("{file}:{}: {code}", n + 1);
+                if let Some(call) = code.split("redis.call(").nth(1) {
+                    let args: Vec<&str> = call.split(", ").map(str::trim).collect();
+                    if args[0] != "'TIME')" {
+                        let key = args.get(1).copied().unwrap_or_default();
+                        assert!(
+                            key.starts_with("KEYS[") || KEY_NAMES.contains(&key),
+                            "undeclared key argument {key:?} at {at}"
+                        );
+                    }
+                }
+                if let Some(binding) = code.strip_prefix("local ") {
+                    if let Some((names, values)) = binding.split_once(" = ") {
+                        for (name, value) in names.split(", ").zip(values.split(", ")) {
+                            if KEY_NAMES.contains(&name) {
+                                assert!(value.starts_with("KEYS["), "{name} not from KEYS at {at}");
+                            }
+                        }
+                    }
+                }
+                if code.contains(" .. ") {
+                    assert!(code.contains("~= stock_prefix .."), "string built at {at}");
+                }
+            }
+        }
+    }
 }
