@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use commerce::config::Settings;
+use commerce::order::expiry::ExpiryScheduler;
 use commerce::order::flow::OrderIds;
 use commerce::order::request::{NewOrder, RequestLimits};
 use commerce::order::{api, OrderService};
@@ -354,4 +355,69 @@ async fn a_batch_failing_midway_places_nothing_and_holds_nothing() {
         "a 500 recorded events"
     );
     assert_eq!(h.stock().await, (10, 0, 0), "a 500 left stock held");
+}
+
+/// Issue #16 item 10b, PostgreSQL ahead of Redis: an order whose `expires_at` has passed by
+/// PostgreSQL's clock while Redis still holds its stock is not expired; it is once Redis's
+/// deadline passes.
+#[tokio::test]
+async fn the_scheduler_keeps_an_order_whose_redis_hold_lives() {
+    // Long enough to outlive the first round on a busy machine.
+    let h = Harness::start(10, Duration::from_secs(3)).await;
+    let (status, answer) = h
+        .post(None, &json!([order_body(Uuid::new_v4(), 100, 2)]))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let id = ids(&answer)[0];
+    sqlx::query("UPDATE orders SET expires_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(id)
+        .execute(h.pool())
+        .await
+        .unwrap();
+
+    let scheduler = ExpiryScheduler::new(h.service.clone());
+    let expired = scheduler.settle_due().await.unwrap();
+    assert_eq!(expired, 0, "expired an order whose Redis hold lives");
+    assert_eq!(h.status(id).await, "ORDER_RESERVED");
+    assert_eq!(h.reservation_state(id).await, Some(ReservationState::Held));
+    assert_eq!(h.stock().await, (8, 2, 0));
+
+    wait_until(
+        "Redis's deadline passes",
+        Duration::from_secs(10),
+        || async { h.reservation_state(id).await == Some(ReservationState::Expired) },
+    )
+    .await;
+    assert_eq!(scheduler.settle_due().await.unwrap(), 1);
+    assert_eq!(h.status(id).await, "ORDER_EXPIRED");
+    assert_eq!(h.stock().await, (10, 0, 0));
+}
+
+/// Issue #16 item 10b, PostgreSQL behind Redis: Redis's deadline has passed but PostgreSQL's
+/// clock says the order has a second left; the order is expired anyway.
+#[tokio::test]
+async fn the_scheduler_expires_an_order_redis_expired_while_postgres_lags() {
+    let h = Harness::start(10, Duration::from_millis(300)).await;
+    let (status, answer) = h
+        .post(None, &json!([order_body(Uuid::new_v4(), 100, 2)]))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let id = ids(&answer)[0];
+    wait_until(
+        "Redis expires the hold",
+        Duration::from_secs(10),
+        || async { h.reservation_state(id).await == Some(ReservationState::Expired) },
+    )
+    .await;
+    sqlx::query("UPDATE orders SET expires_at = now() + interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(h.pool())
+        .await
+        .unwrap();
+
+    let scheduler = ExpiryScheduler::new(h.service.clone());
+    let expired = scheduler.settle_due().await.unwrap();
+    assert_eq!(expired, 1, "Redis expired the hold; the order must follow");
+    assert_eq!(h.status(id).await, "ORDER_EXPIRED");
+    assert_eq!(h.stock().await, (10, 0, 0));
 }
