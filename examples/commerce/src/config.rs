@@ -51,7 +51,7 @@ impl Settings {
             kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:9092"),
             topic: var("COMMERCE_TOPIC", "order-events"),
             topic_partitions: parse("COMMERCE_TOPIC_PARTITIONS", 4)?,
-            database_prefix: var("COMMERCE_DATABASE_PREFIX", ""),
+            database_prefix: database_prefix(var("COMMERCE_DATABASE_PREFIX", ""))?,
             group_prefix: var("COMMERCE_GROUP_PREFIX", "commerce"),
             inventory: var("COMMERCE_INVENTORY", "commerce"),
             order_addr: var("ORDER_ADDR", "127.0.0.1:8081"),
@@ -76,6 +76,29 @@ impl Settings {
     }
 }
 
+/// Longest `COMMERCE_DATABASE_PREFIX`: PostgreSQL names hold 63 bytes (longer ones are
+/// silently truncated, which could make two services share a database), and the longest
+/// service suffix is `notification_service` (20).
+pub const MAX_DATABASE_PREFIX_LEN: usize = 63 - "notification_service".len();
+
+/// The prefix becomes part of a `CREATE DATABASE` statement: only `[a-z0-9_]`, so it needs no
+/// quoting rules and names no other database, and bounded by [`MAX_DATABASE_PREFIX_LEN`].
+fn database_prefix(prefix: String) -> anyhow::Result<String> {
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+    if !prefix.bytes().all(allowed) {
+        anyhow::bail!(
+            "COMMERCE_DATABASE_PREFIX={prefix:?}: only lowercase letters, digits and _ are allowed"
+        );
+    }
+    if prefix.len() > MAX_DATABASE_PREFIX_LEN {
+        anyhow::bail!(
+            "COMMERCE_DATABASE_PREFIX={prefix:?}: {} characters, at most {MAX_DATABASE_PREFIX_LEN}",
+            prefix.len()
+        );
+    }
+    Ok(prefix)
+}
+
 fn var(name: &str, default: &str) -> String {
     std::env::var(name)
         .ok()
@@ -92,5 +115,37 @@ where
             .parse()
             .map_err(|e| anyhow::anyhow!("{name}={value:?}: {e}")),
         _ => Ok(default),
+    }
+}
+
+#[cfg(test)]
+mod database_prefix_tests {
+    use super::*;
+
+    #[test]
+    fn a_safe_prefix_is_kept() {
+        for prefix in ["", "eventful_test_0123456789ab_", "shop1_"] {
+            assert_eq!(database_prefix(prefix.to_owned()).unwrap(), prefix);
+        }
+        let longest = "a".repeat(MAX_DATABASE_PREFIX_LEN);
+        assert_eq!(database_prefix(longest.clone()).unwrap(), longest);
+    }
+
+    #[test]
+    fn an_unsafe_prefix_is_refused_naming_the_variable() {
+        for prefix in [
+            r#"x"y"#,
+            "x\"; DROP DATABASE postgres; --",
+            "Upper",
+            "with-dash",
+            "with space",
+            "é",
+            &"a".repeat(MAX_DATABASE_PREFIX_LEN + 1),
+        ] {
+            let error = database_prefix(prefix.to_owned())
+                .expect_err(prefix)
+                .to_string();
+            assert!(error.contains("COMMERCE_DATABASE_PREFIX"), "{error}");
+        }
     }
 }

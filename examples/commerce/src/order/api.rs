@@ -14,12 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::flow::OrderIds;
 use super::request::{is_valid_sku, parse_orders};
 use super::{store, OrderService};
 use crate::http::ApiError;
-
-/// Namespace of order ids derived from an `Idempotency-Key` (UUIDv5).
-const ORDER_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_7a52_2a4e_4a39_9c1e_0b3d_55e4_7a10);
 
 /// `POST /orders`, `GET /orders/{id}`, `PUT|GET /stock/{sku}`.
 pub fn routes(service: OrderService) -> Router {
@@ -34,6 +32,14 @@ pub fn routes(service: OrderService) -> Router {
 }
 
 /// Creates the orders whose stock can be held; answers `201` with their ids.
+///
+/// All or nothing but for stock: the orders are recorded in one transaction, an order whose
+/// stock is short is left out of the answer, and an error answer (`4xx`/`500`) means nothing
+/// was placed and no stock is held. With an `Idempotency-Key` the ids derive from the key
+/// *and* the request's content (users, amounts, items), so a retry of the same request finds
+/// the orders an earlier try placed, while the same key with another body (another user,
+/// or after the key's record expired) places its own orders and never answers with someone
+/// else's.
 async fn create_orders(
     State(service): State<OrderService>,
     headers: HeaderMap,
@@ -57,22 +63,19 @@ async fn create_orders(
             Err(error) => return Err(ApiError::internal(error)),
         }
     }
-    // With an Idempotency-Key the ids derive from it, so a retry after a failure midway
-    // finds the orders already placed instead of placing them twice.
-    let key = headers
+    let ids = match headers
         .get(IDEMPOTENCY_KEY)
         .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    let mut created = Vec::with_capacity(orders.len());
-    for (index, order) in orders.iter().enumerate() {
-        let id = match &key {
-            Some(key) => Uuid::new_v5(&ORDER_ID_NAMESPACE, format!("{key}/{index}").as_bytes()),
-            None => Uuid::now_v7(),
-        };
-        if let Some(order) = service.place(id, order).await? {
-            created.push(order.id);
-        }
-    }
+    {
+        Some(key) => OrderIds::keyed(key, &orders),
+        None => OrderIds::Fresh,
+    };
+    let created: Vec<Uuid> = service
+        .place_orders(&ids, &orders)
+        .await?
+        .iter()
+        .map(|order| order.id)
+        .collect();
     Ok((StatusCode::CREATED, Json(created)))
 }
 

@@ -6,8 +6,9 @@
 
 use eventful_idempotency::HandlerError;
 use eventful_outbox::NewEvent;
-use eventful_reservation::Error as ReservationError;
+use eventful_reservation::{Error as ReservationError, ReservationState};
 use eventful_saga::{Emitter, Participant, ParticipantHandler};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::domain::OrderStatus;
@@ -22,79 +23,229 @@ pub fn participant<P: Participant>(service: &OrderService, handler: P) -> Partic
     eventful_saga::participant(service.base.outbox.clone(), handler)
 }
 
-impl OrderService {
-    /// Holds stock for `order` under id `id` and records it with its `ORDER_RESERVED` event.
+/// Namespace of order ids derived from an `Idempotency-Key` (UUIDv5).
+const ORDER_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_7a52_2a4e_4a39_9c1e_0b3d_55e4_7a10);
+
+/// How many ids one keyed order may try before the key is refused as spent: each try of a
+/// request that failed after holding stock spends one (see [`OrderIds`]).
+pub const MAX_ID_ATTEMPTS: u32 = 16;
+
+/// How the orders of one `POST /orders` get their ids (which are also their reservation ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderIds {
+    /// No `Idempotency-Key`: a fresh UUIDv7 per order.
+    Fresh,
+    /// Derived (UUIDv5) from the key, the request's [`fingerprint`](super::request::fingerprint),
+    /// the order's index and an attempt number. The fingerprint covers every order's user,
+    /// amount and items, so the same key sent by another user or for other orders (e.g. after
+    /// the key's record expired) derives other ids and never finds someone else's order.
+    Keyed {
+        /// The `Idempotency-Key`.
+        key: String,
+        /// Fingerprint of the whole validated request.
+        fingerprint: Uuid,
+    },
+}
+
+impl OrderIds {
+    /// The ids of `orders` placed under `Idempotency-Key` `key`.
+    pub fn keyed(key: &str, orders: &[NewOrder]) -> Self {
+        Self::Keyed {
+            key: key.to_owned(),
+            fingerprint: super::request::fingerprint(orders),
+        }
+    }
+
+    /// The id of order `index` at try `attempt`.
     ///
-    /// `Ok(None)` when the stock is short: the order is left out, nothing is written. Placing
-    /// the same id again returns the order placed the first time (both steps are idempotent),
-    /// which is what makes a retried `POST /orders` with an `Idempotency-Key` safe.
-    pub async fn place(&self, id: Uuid, order: &NewOrder) -> Result<Option<Order>, ApiError> {
+    /// A keyed id whose reservation is spent (released or expired by an earlier try that then
+    /// failed, with no order recorded) can never hold stock again, so the next attempt derives
+    /// the next id; retries walk the same sequence and so find what an earlier try placed.
+    pub fn id(&self, index: usize, attempt: u32) -> Uuid {
+        match self {
+            Self::Fresh => Uuid::now_v7(),
+            // The key goes last: the fields before it contain no `/`, so the string is
+            // unambiguous whatever the key holds.
+            Self::Keyed { key, fingerprint } => Uuid::new_v5(
+                &ORDER_ID_NAMESPACE,
+                format!("{fingerprint}/{index}/{attempt}/{key}").as_bytes(),
+            ),
+        }
+    }
+}
+
+/// Where one order of a request stands before the batch is recorded.
+enum Claim {
+    /// Stock short: the order is left out.
+    Short,
+    /// An earlier try of the same request placed it.
+    Placed(Order),
+    /// Its stock is held under `id`, until `expires_at` (Redis's clock).
+    Held {
+        id: Uuid,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    },
+}
+
+impl OrderService {
+    /// Places `orders`: holds each one's stock in Redis, then records them all with their
+    /// `ORDER_RESERVED` events in **one** transaction.
+    ///
+    /// Returns the orders placed, in request order; an order whose stock is short is left out
+    /// (the only partial outcome). On any error nothing is placed: the transaction rolls back
+    /// and every hold this call took is released, so an error answer means no order and no
+    /// held stock. A retry with the same keyed [`OrderIds`] returns the orders an earlier try
+    /// placed, and takes fresh holds for the others: an order is only ever recorded on a live
+    /// (`Held`) reservation.
+    pub async fn place_orders(
+        &self,
+        ids: &OrderIds,
+        orders: &[NewOrder],
+    ) -> Result<Vec<Order>, ApiError> {
+        let mut held = Vec::new();
+        let placed = self.place_all(ids, orders, &mut held).await;
+        if placed.is_err() {
+            // Give the stock back now rather than at expiry. Should Redis fail here too, the
+            // reaper returns it at the hold's deadline.
+            for id in &held {
+                if let Err(error) = self.reservations.release(&id.to_string()).await {
+                    tracing::warn!(%id, %error, "release after a failed request");
+                }
+            }
+        }
+        placed
+    }
+
+    async fn place_all(
+        &self,
+        ids: &OrderIds,
+        orders: &[NewOrder],
+        held: &mut Vec<Uuid>,
+    ) -> Result<Vec<Order>, ApiError> {
+        let mut claims = Vec::with_capacity(orders.len());
+        for (index, order) in orders.iter().enumerate() {
+            let claim = self.claim(ids, index, order).await?;
+            if let Claim::Held { id, .. } = &claim {
+                held.push(*id);
+            }
+            claims.push(claim);
+        }
+        let mut tx = self.base.pool.begin().await.map_err(ApiError::internal)?;
+        let mut placed = Vec::with_capacity(claims.len());
+        for (claim, order) in claims.into_iter().zip(orders) {
+            match claim {
+                Claim::Short => {}
+                Claim::Placed(existing) => placed.push(existing),
+                Claim::Held { id, expires_at } => {
+                    let (order, created) = self
+                        .record_new_order(&mut tx, id, order, expires_at)
+                        .await?;
+                    if !created {
+                        // Another try's order owns this hold: an error here must not cut it.
+                        held.retain(|held| *held != id);
+                    }
+                    placed.push(order);
+                }
+            }
+        }
+        tx.commit().await.map_err(ApiError::internal)?;
+        Ok(placed)
+    }
+
+    /// Finds a live hold (or the order an earlier try placed) for order `index`.
+    async fn claim(
+        &self,
+        ids: &OrderIds,
+        index: usize,
+        order: &NewOrder,
+    ) -> Result<Claim, ApiError> {
         let items: Vec<(&str, u64)> = order
             .items
             .iter()
             .map(|item| (item.sku.as_str(), u64::from(item.quantity)))
             .collect();
         let ttl = self.base.settings.reservation_ttl;
-        let reservation = match self
-            .reservations
-            .reserve(&id.to_string(), &items, ttl)
-            .await
-        {
-            Ok(reservation) => reservation,
-            Err(ReservationError::InsufficientStock { .. }) => return Ok(None),
-            Err(ReservationError::IdConflict { .. }) => {
-                return Err(ApiError::unprocessable(
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used for different orders",
-                ))
-            }
-            Err(ReservationError::UnknownSku { sku, .. }) => {
-                return Err(ApiError::unprocessable(
-                    "unknown_sku",
-                    format!("unknown sku {sku}"),
-                ))
-            }
-            Err(error) => return Err(ApiError::internal(error)),
-        };
-        let expires_at = chrono::DateTime::<chrono::Utc>::from(reservation.expires_at);
-        match self.record_new_order(id, order, expires_at).await {
-            Ok(created) => Ok(Some(created)),
-            Err(error) => {
-                // Give the stock back now rather than at expiry.
-                if let Err(release) = self.reservations.release(&id.to_string()).await {
-                    tracing::warn!(%id, %release, "release after a failed insert");
+        for attempt in 0..MAX_ID_ATTEMPTS {
+            let id = ids.id(index, attempt);
+            if matches!(ids, OrderIds::Keyed { .. }) {
+                let mut conn = self.base.pool.acquire().await.map_err(ApiError::internal)?;
+                if let Some(existing) = store::find(&mut conn, id)
+                    .await
+                    .map_err(ApiError::internal)?
+                {
+                    ensure_same(&existing, order)?;
+                    return Ok(Claim::Placed(existing));
                 }
-                Err(ApiError::internal(error))
+            }
+            match self
+                .reservations
+                .reserve(&id.to_string(), &items, ttl)
+                .await
+            {
+                // New, or left live by an earlier try that died before recording the order.
+                Ok(reservation) if reservation.state == ReservationState::Held => {
+                    return Ok(Claim::Held {
+                        id,
+                        expires_at: reservation.expires_at.into(),
+                    })
+                }
+                // Spent: released or expired with no order recorded. Never place an order on
+                // it (it holds nothing); the next id takes a fresh hold.
+                Ok(_) => continue,
+                Err(ReservationError::InsufficientStock { .. }) => return Ok(Claim::Short),
+                Err(ReservationError::IdConflict { .. }) => return Err(key_reused()),
+                Err(ReservationError::UnknownSku { sku, .. }) => {
+                    return Err(ApiError::unprocessable(
+                        "unknown_sku",
+                        format!("unknown sku {sku}"),
+                    ))
+                }
+                Err(error) => return Err(ApiError::internal(error)),
             }
         }
+        Err(ApiError::unprocessable(
+            "idempotency_key_spent",
+            "this Idempotency-Key failed too many times; send the request with a new key",
+        ))
     }
 
+    /// Inserts the order and its event; `false` with the order found when another try of the
+    /// same request recorded it first.
     async fn record_new_order(
         &self,
+        tx: &mut PgConnection,
         id: Uuid,
         order: &NewOrder,
         expires_at: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<Order> {
-        let mut tx = self.base.pool.begin().await?;
-        let Some(created) = store::insert(
-            &mut tx,
+    ) -> Result<(Order, bool), ApiError> {
+        let inserted = store::insert(
+            tx,
             id,
             order.user_id,
             order.total_amount,
             &order.items,
             expires_at,
         )
-        .await?
-        else {
-            // Placed before (a retried request): no second event.
-            return store::find(&mut tx, id)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("order {id} vanished"));
+        .await
+        .map_err(ApiError::internal)?;
+        let Some(created) = inserted else {
+            // Placed concurrently by another try of the same request: no second event.
+            let existing = store::find(tx, id)
+                .await
+                .map_err(ApiError::internal)?
+                .ok_or_else(|| ApiError::internal(format!("order {id} vanished")))?;
+            ensure_same(&existing, order)?;
+            return Ok((existing, false));
         };
-        let event = self.order_event(&created, events::ORDER_RESERVED, None)?;
-        self.base.outbox.record(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(created)
+        let event = self
+            .order_event(&created, events::ORDER_RESERVED, None)
+            .map_err(ApiError::internal)?;
+        self.base
+            .outbox
+            .record(tx, event)
+            .await
+            .map_err(ApiError::internal)?;
+        Ok((created, true))
     }
 
     /// The event `event_type` about `order`, keyed by its id.
@@ -110,6 +261,27 @@ impl OrderService {
             event_type,
             &order.event(reason.map(str::to_owned)),
         )
+    }
+}
+
+fn key_reused() -> ApiError {
+    ApiError::unprocessable(
+        "idempotency_key_reused",
+        "this Idempotency-Key was used for different orders",
+    )
+}
+
+/// An order found under a derived id must be the one asked for; anything else is a reused key.
+fn ensure_same(existing: &Order, order: &NewOrder) -> Result<(), ApiError> {
+    let mut items = existing.items.clone();
+    items.sort_by(|a, b| a.sku.cmp(&b.sku));
+    if existing.user_id == order.user_id
+        && existing.total_amount == order.total_amount
+        && items == order.canonical_items()
+    {
+        Ok(())
+    } else {
+        Err(key_reused())
     }
 }
 

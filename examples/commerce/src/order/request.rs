@@ -57,6 +57,38 @@ struct RawItem {
     quantity: i64,
 }
 
+impl NewOrder {
+    /// The items sorted by SKU: the same order whichever way its lines were listed.
+    pub fn canonical_items(&self) -> Vec<OrderItem> {
+        let mut items = self.items.clone();
+        items.sort_by(|a, b| a.sku.cmp(&b.sku));
+        items
+    }
+}
+
+/// Namespace of request fingerprints (UUIDv5).
+const FINGERPRINT_NAMESPACE: Uuid = Uuid::from_u128(0x2b9e_64d1_5c0f_4e8a_a6d3_91f4_0c7b_e215);
+
+/// A fingerprint of a whole validated request: equal for requests asking for the same orders
+/// (same users, amounts and items, in the same order of orders; lines in any order), and
+/// different as soon as one of them differs. A UUIDv5 (SHA-1) of the canonical JSON form.
+pub fn fingerprint(orders: &[NewOrder]) -> Uuid {
+    let canonical: Vec<serde_json::Value> = orders
+        .iter()
+        .map(|order| {
+            serde_json::json!({
+                "userId": order.user_id,
+                "totalAmount": order.total_amount,
+                "items": order.canonical_items(),
+            })
+        })
+        .collect();
+    Uuid::new_v5(
+        &FINGERPRINT_NAMESPACE,
+        serde_json::Value::Array(canonical).to_string().as_bytes(),
+    )
+}
+
 /// A SKU is 1 to 64 characters without white space.
 pub fn is_valid_sku(sku: &str) -> bool {
     !sku.is_empty() && sku.len() <= 64 && !sku.contains(char::is_whitespace)
@@ -217,6 +249,31 @@ mod tests {
             let error = parse(body).expect_err(body);
             assert_eq!(error.status.as_u16(), status, "{body}: {}", error.message);
         }
+    }
+
+    #[test]
+    fn the_fingerprint_covers_users_amounts_and_items_but_not_line_order() {
+        let other = "0b7d1c2e-4f5a-4b6c-8d9e-0f1a2b3c4d5e";
+        let body = |user: &str, amount: i64, items: &str| {
+            parse(&format!(
+                r#"[{{"userId":"{user}","totalAmount":{amount},"items":{items}}}]"#
+            ))
+            .unwrap()
+        };
+        let ab = r#"[{"sku":"A","quantity":1},{"sku":"B","quantity":2}]"#;
+        let ba = r#"[{"sku":"B","quantity":2},{"sku":"A","quantity":1}]"#;
+        let base = fingerprint(&body(USER, 5, ab));
+        assert_eq!(base, fingerprint(&body(USER, 5, ba)));
+        assert_ne!(base, fingerprint(&body(other, 5, ab)));
+        assert_ne!(base, fingerprint(&body(USER, 6, ab)));
+        assert_ne!(
+            base,
+            fingerprint(&body(
+                USER,
+                5,
+                r#"[{"sku":"A","quantity":1},{"sku":"B","quantity":3}]"#
+            ))
+        );
     }
 
     #[test]

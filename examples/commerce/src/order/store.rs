@@ -147,12 +147,15 @@ pub async fn history(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<Tran
     .await
 }
 
-/// Order `id` if it is still `ORDER_RESERVED` and past its expiry, locked for the caller's
-/// transaction; `None` when it was settled meanwhile or another scheduler holds it.
-pub async fn find_due_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Order>> {
+/// Order `id` if it is still `ORDER_RESERVED`, locked for the caller's transaction; `None`
+/// when it was settled meanwhile or another scheduler holds it. Whether it is due is not
+/// asked here: Redis's clock decides that (see [`ExpiryScheduler`](super::expiry::ExpiryScheduler)).
+pub async fn find_reserved_for_update(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> sqlx::Result<Option<Order>> {
     let row: Option<OrderRow> = sqlx::query_as(&format!(
-        "{SELECT_ORDER} WHERE id = $1 AND status = 'ORDER_RESERVED' AND expires_at <= now() \
-         FOR UPDATE SKIP LOCKED"
+        "{SELECT_ORDER} WHERE id = $1 AND status = 'ORDER_RESERVED' FOR UPDATE SKIP LOCKED"
     ))
     .bind(id)
     .fetch_optional(conn)
