@@ -37,6 +37,9 @@ pub struct Settings {
     pub payment_limit: i64,
     /// Consumer group session timeout: how long a killed service's partitions wait.
     pub session_timeout: Duration,
+    /// Stock the order service gives the default SKU at start when it has none yet, so the
+    /// reference request (no `items`) works on a fresh system; existing stock is kept.
+    pub default_sku_stock: u64,
 }
 
 impl Settings {
@@ -62,6 +65,7 @@ impl Settings {
             expiry_interval: Duration::from_millis(parse("ORDER_EXPIRY_INTERVAL_MS", 1_000)?),
             payment_limit: parse("PAYMENT_LIMIT", 100_000)?,
             session_timeout: Duration::from_millis(parse("COMMERCE_SESSION_TIMEOUT_MS", 10_000)?),
+            default_sku_stock: parse("ORDER_DEFAULT_SKU_STOCK", 1_000)?,
         })
     }
 
