@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// Partitions of the event topic unless `COMMERCE_TOPIC_PARTITIONS` says otherwise (the
+/// docker-compose broker's `KAFKA_NUM_PARTITIONS` agrees: tests/compose.rs).
+pub const DEFAULT_TOPIC_PARTITIONS: i32 = 4;
+
 /// Everything the four services and the load tool read from the environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -53,7 +57,7 @@ impl Settings {
             redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
             kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:9092"),
             topic: var("COMMERCE_TOPIC", "order-events"),
-            topic_partitions: parse("COMMERCE_TOPIC_PARTITIONS", 4)?,
+            topic_partitions: parse("COMMERCE_TOPIC_PARTITIONS", DEFAULT_TOPIC_PARTITIONS)?,
             database_prefix: var("COMMERCE_DATABASE_PREFIX", ""),
             group_prefix: var("COMMERCE_GROUP_PREFIX", "commerce"),
             inventory: var("COMMERCE_INVENTORY", "commerce"),
