@@ -62,6 +62,15 @@ pub trait EventHandler: Send + Sync + 'static {
         event: &EventMeta,
         payload: Self::Payload,
     ) -> Result<(), HandlerError>;
+
+    /// Called once when a consumer registering this handler is built, with that consumer's
+    /// name (the scope of its processed-event guard): an error refuses the configuration
+    /// ([`Error::Config`](crate::Error::Config)) instead of letting the handler misbehave on
+    /// every event. The default accepts any name.
+    fn check_consumer(&self, consumer_name: &str) -> Result<(), BoxError> {
+        let _ = consumer_name;
+        Ok(())
+    }
 }
 
 /// How a handler failed: decides between retrying and dead-lettering.

@@ -109,7 +109,9 @@ impl CoordinatorBuilder {
     }
 
     /// The consumer name under which reply event ids are recorded by the duplicate guard
-    /// (`eventful_processed_events`). Default [`DEFAULT_GUARD_NAME`].
+    /// (`eventful_processed_events`). Default [`DEFAULT_GUARD_NAME`]. It must differ from
+    /// the reply consumer's name: a consumer so named is refused when built
+    /// ([`Error::ConsumerIsGuard`]).
     pub fn guard_name(mut self, name: impl Into<String>) -> Self {
         self.guard_name = name.into();
         self
@@ -197,6 +199,12 @@ impl Coordinator {
     /// The reply topic named in every command.
     pub fn reply_topic(&self) -> &str {
         &self.inner.reply_topic
+    }
+
+    /// The consumer name the duplicate-reply guard records reply event ids under (see
+    /// [`CoordinatorBuilder::guard_name`]); the reply consumer must be named differently.
+    pub fn guard_name(&self) -> &str {
+        self.inner.guard.consumer()
     }
 
     /// The pool given to the builder.

@@ -53,6 +53,15 @@ pub enum Error {
     /// A stored value is not what this version of the crate wrote.
     #[error("corrupt saga row: {0}")]
     Corrupt(String),
+    /// A reply consumer's name equals the coordinator's guard name: the consumer would
+    /// record each reply's event id under that name first, and the guard would then ignore
+    /// every reply as a duplicate. Refused when the consumer is built.
+    #[error(
+        "the reply consumer is named {0:?}, like the coordinator's duplicate guard: every reply \
+         would be ignored as a duplicate; give the consumer another name (or the guard, with \
+         CoordinatorBuilder::guard_name)"
+    )]
+    ConsumerIsGuard(String),
 }
 
 impl Error {
@@ -69,7 +78,8 @@ impl Error {
             | Error::Data(_)
             | Error::InvalidDefinition(_)
             | Error::MalformedMessage(_)
-            | Error::Corrupt(_) => false,
+            | Error::Corrupt(_)
+            | Error::ConsumerIsGuard(_) => false,
         }
     }
 }

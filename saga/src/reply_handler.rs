@@ -1,7 +1,7 @@
 //! Drives the coordinator from the consumer runtime: replies arriving on a topic.
 
 use async_trait::async_trait;
-use eventful_idempotency::{EventHandler, EventMeta, HandlerError};
+use eventful_idempotency::{BoxError, EventHandler, EventMeta, HandlerError};
 use sqlx::PgConnection;
 
 use crate::reply::SagaReply;
@@ -18,6 +18,10 @@ const CONFLICT_RETRIES: usize = 5;
 /// The reply's identity is the message's `event-id`. A reply that loses a race for its
 /// saga ([`Error::Conflict`]) is re-applied (it then sees the winner's state); malformed
 /// replies and unknown saga types are permanent failures (dead-lettered by the runtime).
+///
+/// The consumer it is registered on must not be named like the coordinator's guard
+/// ([`Coordinator::guard_name`]): building such a consumer fails with
+/// [`Error::ConsumerIsGuard`].
 #[derive(Debug, Clone)]
 pub struct ReplyHandler {
     coordinator: Coordinator,
@@ -56,5 +60,14 @@ impl EventHandler for ReplyHandler {
                 Err(e) => return Err(HandlerError::permanent(e)),
             }
         }
+    }
+
+    fn check_consumer(&self, consumer_name: &str) -> Result<(), BoxError> {
+        // The runtime records the event id under its consumer name before calling us; the
+        // guard, checking the same id under the same name, would take it for a duplicate.
+        if consumer_name == self.coordinator.guard_name() {
+            return Err(Error::ConsumerIsGuard(consumer_name.to_owned()).into());
+        }
+        Ok(())
     }
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use eventful_idempotency::{ConsumerOptions, InboxConsumer};
 use eventful_outbox::{KafkaPublisher, Relay};
-use eventful_saga::{participant, Coordinator, SagaStatus, StepKind, REPLY_EVENT_TYPE};
+use eventful_saga::{
+    participant, Coordinator, SagaStatus, StepKind, DEFAULT_GUARD_NAME, REPLY_EVENT_TYPE,
+};
 use eventful_test_support::{kafka, wait_until};
 use support::*;
 use tokio_util::sync::CancellationToken;
@@ -236,4 +238,41 @@ async fn end_to_end(abrupt: bool) {
     b_consumer.await.unwrap().unwrap();
     participants.await.unwrap().unwrap();
     relay.await.unwrap().unwrap();
+}
+
+/// A reply consumer whose consumer name is the coordinator's guard name would record each
+/// reply's event id under that name before the coordinator's guard checks it: the guard would
+/// see every reply as a duplicate and no saga would move past its first step (issue #16,
+/// 10a). Such a consumer is refused when built; any other name is accepted.
+#[tokio::test]
+async fn a_reply_consumer_named_like_the_guard_is_refused_when_built() {
+    let h = Harness::new(Duration::from_secs(60)).await;
+    let consumer = |coordinator: &Coordinator, name: &str| {
+        InboxConsumer::builder(
+            ConsumerOptions::new(kafka::brokers(), "coordinator", name),
+            h.db.pool.clone(),
+        )
+        .topic("saga-replies")
+        .handler(REPLY_EVENT_TYPE, coordinator.reply_handler())
+        .build()
+    };
+
+    let refused = consumer(&h.coordinator, DEFAULT_GUARD_NAME)
+        .expect_err("a reply consumer named like the guard must be refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains(DEFAULT_GUARD_NAME) && message.contains("duplicate"),
+        "{message}"
+    );
+    consumer(&h.coordinator, "saga-replies").expect("another name is fine");
+
+    // A guard renamed with the builder is checked the same way.
+    let renamed = Coordinator::builder(h.db.pool.clone(), h.outbox.clone())
+        .guard_name("saga-replies")
+        .saga(checkout(Duration::from_secs(60), Duration::from_secs(30)))
+        .build()
+        .unwrap();
+    assert_eq!(renamed.guard_name(), "saga-replies");
+    assert!(consumer(&renamed, "saga-replies").is_err());
+    consumer(&renamed, DEFAULT_GUARD_NAME).expect("the default name is free now");
 }

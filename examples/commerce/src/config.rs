@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// Partitions of the event topic unless `COMMERCE_TOPIC_PARTITIONS` says otherwise (the
+/// docker-compose broker's `KAFKA_NUM_PARTITIONS` agrees: tests/compose.rs).
+pub const DEFAULT_TOPIC_PARTITIONS: i32 = 4;
+
 /// Everything the four services and the load tool read from the environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -37,6 +41,9 @@ pub struct Settings {
     pub payment_limit: i64,
     /// Consumer group session timeout: how long a killed service's partitions wait.
     pub session_timeout: Duration,
+    /// Stock the order service gives the default SKU at start when it has none yet, so the
+    /// reference request (no `items`) works on a fresh system; existing stock is kept.
+    pub default_sku_stock: u64,
 }
 
 impl Settings {
@@ -50,7 +57,7 @@ impl Settings {
             redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
             kafka_brokers: var("KAFKA_BROKERS", "127.0.0.1:9092"),
             topic: var("COMMERCE_TOPIC", "order-events"),
-            topic_partitions: parse("COMMERCE_TOPIC_PARTITIONS", 4)?,
+            topic_partitions: parse("COMMERCE_TOPIC_PARTITIONS", DEFAULT_TOPIC_PARTITIONS)?,
             database_prefix: database_prefix(var("COMMERCE_DATABASE_PREFIX", ""))?,
             group_prefix: var("COMMERCE_GROUP_PREFIX", "commerce"),
             inventory: var("COMMERCE_INVENTORY", "commerce"),
@@ -62,6 +69,7 @@ impl Settings {
             expiry_interval: Duration::from_millis(parse("ORDER_EXPIRY_INTERVAL_MS", 1_000)?),
             payment_limit: parse("PAYMENT_LIMIT", 100_000)?,
             session_timeout: Duration::from_millis(parse("COMMERCE_SESSION_TIMEOUT_MS", 10_000)?),
+            default_sku_stock: parse("ORDER_DEFAULT_SKU_STOCK", 1_000)?,
         })
     }
 

@@ -21,6 +21,7 @@ pub mod order;
 pub mod payment;
 pub mod service;
 pub mod shipping;
+pub mod stock;
 
 use anyhow::Context;
 use tokio::task::JoinSet;
@@ -47,7 +48,11 @@ pub async fn run(services: &[Service]) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     for service in services {
         match service {
-            Service::Order => drop(order::start(&settings, &mut tasks, &cancel).await?),
+            Service::Order => {
+                // Before the HTTP listener opens, so no request finds the default SKU unknown.
+                stock::seed_default_sku(&settings).await?;
+                drop(order::start(&settings, &mut tasks, &cancel).await?)
+            }
             Service::Payment => drop(payment::start(&settings, &mut tasks, &cancel).await?),
             Service::Shipping => drop(shipping::start(&settings, &mut tasks, &cancel).await?),
             Service::Notification => {

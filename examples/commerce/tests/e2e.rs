@@ -484,3 +484,49 @@ async fn serial_bad_input_gets_a_json_4xx_and_writes_nothing() {
     assert_eq!(system.count("order", outbox).await, 0);
     assert_eq!(system.stock(SKU).await, (10, 0, 0));
 }
+
+/// The README's first request, sent as `curl -X POST localhost:8081/orders -H
+/// 'Content-Type: application/json' -d '<BODY>'` sends it (same header casing, same bytes),
+/// on a fresh start: nobody has set any stock, yet the default SKU has some.
+#[tokio::test(flavor = "multi_thread")]
+async fn serial_the_reference_request_places_one_order_on_a_fresh_start() {
+    const BODY: &str = r#"[{"userId":"297A520A-F08D-4CA9-8EC9-5BFE21C0575A","totalAmount":10000}]"#;
+    const DEFAULT_SKU: &str = "DEFAULT-SKU";
+    // The services' own default payment limit (100000), not the tests' 1000: the order
+    // takes the path it takes for someone trying the example.
+    let options = Options {
+        payment_limit: 100_000,
+        ..Options::default()
+    };
+    let mut system = System::start(&SERVICES, options).await;
+    let curl_like = reqwest::Client::builder()
+        .http1_title_case_headers()
+        .build()
+        .unwrap();
+    let response = curl_like
+        .post(system.url("order", "/orders"))
+        .header("Content-Type", "application/json")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    assert!(matches!(status, 200 | 201), "{status}: {answer}");
+    let ids = answer.as_array().unwrap_or_else(|| panic!("{answer}"));
+    assert_eq!(ids.len(), 1, "exactly one order id: {answer}");
+    let id = Uuid::parse_str(ids[0].as_str().unwrap()).unwrap();
+
+    let terminal = system.wait_terminal(&[id], FLOW).await;
+    assert_eq!(
+        terminal[&id], "SHIPPING",
+        "10000 is within the default limit"
+    );
+    let stock = system.stock(DEFAULT_SKU).await;
+    assert_eq!((stock.1, stock.2), (0, 1), "one unit sold, none held");
+
+    // A restart keeps the stock as it is: the starting stock applies only when there is none.
+    system.kill("order").await;
+    system.spawn("order").await;
+    assert_eq!(system.stock(DEFAULT_SKU).await, stock);
+}

@@ -97,6 +97,8 @@ pub(crate) enum Failure {
 #[async_trait]
 pub(crate) trait ErasedHandler: Send + Sync {
     async fn handle(&self, tx: &mut PgConnection, event: &EventMeta) -> Result<(), Failure>;
+
+    fn check_consumer(&self, consumer_name: &str) -> Result<(), crate::BoxError>;
 }
 
 struct Typed<H>(H);
@@ -109,6 +111,10 @@ impl<H: EventHandler> ErasedHandler for Typed<H> {
             .handle(tx, event, payload)
             .await
             .map_err(Failure::Handler)
+    }
+
+    fn check_consumer(&self, consumer_name: &str) -> Result<(), crate::BoxError> {
+        self.0.check_consumer(consumer_name)
     }
 }
 
@@ -276,7 +282,8 @@ impl InboxConsumerBuilder {
         self
     }
 
-    /// Validates the configuration.
+    /// Validates the configuration, including each handler's
+    /// [`check_consumer`](crate::EventHandler::check_consumer).
     pub fn build(self) -> Result<InboxConsumer, Error> {
         if self.topics.is_empty() {
             return Err(Error::Config("no topic to consume".into()));
@@ -285,6 +292,11 @@ impl InboxConsumerBuilder {
             return Err(Error::Config("no handler registered".into()));
         }
         self.options.validate()?;
+        for (event_type, handler) in &self.handlers {
+            handler
+                .check_consumer(&self.options.consumer_name)
+                .map_err(|e| Error::Config(format!("handler for {event_type:?}: {e}")))?;
+        }
         let dead_letter = dead_letter::Destination::new(&self.dead_letter, &self.options)?;
         let guard = ProcessedEvents::new(self.options.consumer_name.clone());
         Ok(InboxConsumer {
@@ -303,5 +315,60 @@ impl InboxConsumerBuilder {
             }),
             options: self.options,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BoxError;
+
+    /// Works under any consumer name but `forbidden`.
+    struct Picky {
+        forbidden: &'static str,
+    }
+
+    #[async_trait]
+    impl EventHandler for Picky {
+        type Payload = serde_json::Value;
+
+        async fn handle(
+            &self,
+            _tx: &mut PgConnection,
+            _event: &EventMeta,
+            _payload: serde_json::Value,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+
+        fn check_consumer(&self, consumer_name: &str) -> Result<(), BoxError> {
+            if consumer_name == self.forbidden {
+                return Err(format!("not under {consumer_name}").into());
+            }
+            Ok(())
+        }
+    }
+
+    fn build(consumer_name: &str) -> Result<InboxConsumer, Error> {
+        // Building connects to nothing: a lazy pool to nowhere is enough.
+        let pool =
+            PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").map_err(Error::from)?;
+        InboxConsumer::builder(
+            ConsumerOptions::new("127.0.0.1:9092", "group", consumer_name),
+            pool,
+        )
+        .topic("events")
+        .handler("Thing", Picky { forbidden: "guard" })
+        .build()
+    }
+
+    #[tokio::test]
+    async fn a_handler_can_refuse_the_consumer_name_when_the_consumer_is_built() {
+        let error = build("guard").expect_err("the handler refuses this name");
+        assert!(
+            matches!(&error, Error::Config(m) if m.contains("not under guard")),
+            "{error}"
+        );
+        assert!(build("inbox").is_ok());
     }
 }
