@@ -78,6 +78,7 @@
 //! | rebalance while a message is in flight | it finishes; the new owner may redeliver it: `Duplicate` |
 //! | handler returns [`HandlerError::Transient`], PostgreSQL down | retried with backoff, partition waits (optionally dead-lettered after [`InboxConsumerBuilder::max_attempts`]) |
 //! | missing/invalid `event-id`, payload not decodable, [`HandlerError::Permanent`] | written to the dead-letter destination ([`DeadLetter`]) with the error; the partition moves on |
+//! | handler panics (e.g. an out-of-bounds index) | caught per event, transaction rolled back, retried with backoff, dead-lettered with the panic message after [`InboxConsumerBuilder::max_panic_attempts`] (3); the partition moves on |
 //! | unknown event type | skipped by default, or dead-lettered ([`UnknownEventType`]) |
 //! | guard records purged too early ([`ProcessedEvents::purge_older_than`]) | a later redelivery applies again: keep retention above topic retention |
 //! | HTTP request abandoned mid-flight | key released; a crashed process's key is reclaimable after the in-flight timeout |
