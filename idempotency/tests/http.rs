@@ -402,6 +402,20 @@ async fn server_errors_are_stored_and_replayed() {
     assert_eq!(f.app.runs.load(Ordering::SeqCst), 1, "the handler ran once");
 }
 
+/// Sends `request` and drops its future once the (gated) handler has started, as a timeout
+/// layer or a client going away mid-handler does.
+async fn drop_mid_handler(router: &Router, request: Request<Body>, runs: &Arc<AtomicUsize>) {
+    let before = runs.load(Ordering::SeqCst);
+    let runs = runs.clone();
+    tokio::select! {
+        answer = send(router, request) => panic!("the gated handler answered {}", answer.status),
+        () = wait_until("the handler runs", Duration::from_secs(10), || {
+            let runs = runs.clone();
+            async move { runs.load(Ordering::SeqCst) > before }
+        }) => {}
+    }
+}
+
 /// Retries a request until it is no longer answered `409 idempotency_key_in_use`.
 async fn retry_until_settled(router: &Router, path: &str, key: &str) -> Answer {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -424,12 +438,12 @@ async fn retry_until_settled(router: &Router, path: &str, key: &str) -> Answer {
 async fn dropped_request_keeps_its_key_and_the_retry_is_told_the_outcome_is_unknown() {
     let f = fixture(true, |l| l).await;
     let router = f.router.clone();
-    let dropped = tokio::time::timeout(
-        Duration::from_millis(300),
-        send(&router, request("/orders/1", Some("gone"), "alice", "{}")),
+    drop_mid_handler(
+        &router,
+        request("/orders/1", Some("gone"), "alice", "{}"),
+        &f.app.runs,
     )
     .await;
-    assert!(dropped.is_err(), "the first request was cut off");
     assert_eq!(f.app.runs.load(Ordering::SeqCst), 1);
     f.app.gate.add_permits(100);
     let retry = retry_until_settled(&f.router, "/orders/1", "gone").await;
@@ -573,12 +587,12 @@ async fn a_panicking_handler_leaves_its_key_abandoned() {
 async fn abandoned_keys_run_again_when_the_handler_is_declared_safe() {
     let f = fixture(true, |l| l.rerun_abandoned(true)).await;
     let router = f.router.clone();
-    let dropped = tokio::time::timeout(
-        Duration::from_millis(300),
-        send(&router, request("/orders/1", Some("again"), "alice", "{}")),
+    drop_mid_handler(
+        &router,
+        request("/orders/1", Some("again"), "alice", "{}"),
+        &f.app.runs,
     )
     .await;
-    assert!(dropped.is_err());
     f.app.gate.add_permits(100);
     let retry = retry_until_settled(&f.router, "/orders/1", "again").await;
     assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, false));

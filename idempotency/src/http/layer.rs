@@ -248,15 +248,17 @@ fn problem(status: StatusCode, error: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// Holds a claimed key until its outcome is recorded. Dropped while armed (the request
-/// future was dropped, or the handler panicked), it marks the key abandoned: the handler
-/// may have committed, so the key is never simply released.
+/// Holds a key from its claim until its outcome is recorded. Dropped while armed (the
+/// request future was dropped, or the handler panicked): before the handler started it
+/// releases the key (nothing was done); afterwards it marks the key abandoned, since the
+/// handler may have committed: such a key is never simply released.
 struct ClaimGuard {
     pool: PgPool,
     scope: String,
     key: String,
     token: Uuid,
     armed: bool,
+    started: bool,
 }
 
 impl ClaimGuard {
@@ -305,18 +307,25 @@ impl Drop for ClaimGuard {
         if !self.armed {
             return;
         }
-        let (pool, scope, key, token) = (
+        let (pool, scope, key, token, started) = (
             self.pool.clone(),
             std::mem::take(&mut self.scope),
             std::mem::take(&mut self.key),
             self.token,
+            self.started,
         );
-        // Without a runtime (or if the update fails) the key stays in flight and counts as
-        // abandoned once its in-flight timeout passes.
+        // Without a runtime (or if the statement fails, or overtakes a claim still running
+        // on the server) the key stays in flight and counts as abandoned once its in-flight
+        // timeout passes: never released while the handler may have run.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = store::abandon(&pool, &scope, &key, token).await {
-                    tracing::warn!(error = %e, "marking an interrupted idempotency key failed");
+                let result = if started {
+                    store::abandon(&pool, &scope, &key, token).await
+                } else {
+                    store::release(&pool, &scope, &key, token).await
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "settling an interrupted idempotency key failed");
                 }
             });
         }
@@ -394,16 +403,32 @@ where
         .map(|b| format!("{b:02x}"))
         .collect();
 
+    // Armed before the claim: a request dropped while claiming releases what it may have
+    // claimed (the handler has not run).
+    let mut guard = ClaimGuard {
+        pool: config.pool.clone(),
+        scope,
+        key,
+        token: Uuid::new_v4(),
+        armed: true,
+        started: false,
+    };
     let claim = store::claim(
         &config.pool,
-        &scope,
-        &key,
+        &guard.scope,
+        &guard.key,
+        guard.token,
         &fingerprint,
         config.claim_policy(),
     )
     .await;
-    let token = match claim {
-        Ok(Claim::Owned { token }) => token,
+    if matches!(&claim, Ok(found) if !matches!(found, Claim::Owned)) {
+        // Someone else's key: nothing of ours to settle. (After an error the guard stays
+        // armed and releases whatever the failed claim may have inserted.)
+        guard.armed = false;
+    }
+    match claim {
+        Ok(Claim::Owned) => {}
         Ok(Claim::Mismatch) => {
             return problem(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -456,14 +481,9 @@ where
                 "the idempotency store is unavailable; retry later",
             );
         }
-    };
-    let guard = ClaimGuard {
-        pool: config.pool.clone(),
-        scope,
-        key,
-        token,
-        armed: true,
-    };
+    }
+    // From here on the handler may commit: an interruption marks the key abandoned.
+    guard.started = true;
     let response = run(&mut inner, Request::from_parts(parts, Body::from(bytes))).await;
     let nothing_done = response.status() == StatusCode::TOO_MANY_REQUESTS
         || response.extensions().get::<ReleaseKey>().is_some();

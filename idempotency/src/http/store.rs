@@ -14,8 +14,8 @@ use crate::Error;
 
 /// What a request found when it tried to claim its key.
 pub(crate) enum Claim {
-    /// This request owns the key and must run the handler.
-    Owned { token: Uuid },
+    /// This request owns the key (with the token it passed) and must run the handler.
+    Owned,
     /// Another request with a different fingerprint used the key.
     Mismatch,
     /// The first request is still running.
@@ -64,12 +64,12 @@ pub(crate) async fn claim(
     pool: &PgPool,
     scope: &str,
     key: &str,
+    token: Uuid,
     request_hash: &str,
     policy: ClaimPolicy,
 ) -> Result<Claim, Error> {
     // A row deleted between the insert attempt and the read (a released key) is retried.
     for _ in 0..5 {
-        let token = Uuid::new_v4();
         // One statement: concurrent claims of one key serialise on the primary key, so
         // exactly one of them inserts (or takes over an expired row, or an abandoned one
         // when the application allows re-running).
@@ -102,7 +102,7 @@ pub(crate) async fn claim(
         .await?
         .rows_affected();
         if owned == 1 {
-            return Ok(Claim::Owned { token });
+            return Ok(Claim::Owned);
         }
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT request_hash, state, status, content_type, body, \
@@ -131,6 +131,8 @@ pub(crate) async fn claim(
                 status: status_of(status),
             },
             "in_flight" if !lock_expired => Claim::InFlight,
+            // Abandoned between the insert attempt and the read: take it over now.
+            _ if policy.rerun_abandoned => continue,
             // 'abandoned', an in-flight row past its lock, or a state this version does not
             // know: the outcome is unknown to this process.
             _ => Claim::Abandoned,
