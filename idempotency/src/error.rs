@@ -21,6 +21,11 @@ pub enum Error {
     #[cfg(feature = "kafka")]
     #[error("kafka error: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A consumer's partition worker panicked outside the handler (a bug in the runtime or
+    /// the delivery hook): the consumer left its group and stopped.
+    #[cfg(feature = "kafka")]
+    #[error("partition worker panicked: {0}")]
+    WorkerPanicked(String),
     /// The configuration is invalid (empty consumer name, no topic, no handler, ...).
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -37,6 +42,8 @@ impl Error {
             Error::Database(e) | Error::Migration(e) => sqlx_is_retryable(e),
             #[cfg(feature = "kafka")]
             Error::Kafka(_) => true,
+            #[cfg(feature = "kafka")]
+            Error::WorkerPanicked(_) => false,
             Error::Serialization(_) | Error::Config(_) => false,
         }
     }

@@ -67,8 +67,11 @@
 //! - **Order per partition**: one worker per partition, one message at a time; a transient
 //!   failure blocks its partition (retried with exponential backoff and jitter) but not the
 //!   others.
-//! - **HTTP**: for one key, scope and request, the handler runs once per TTL (except after a
-//!   5xx, which releases the key); concurrent retries get `409`, different requests `422`.
+//! - **HTTP**: for one key, scope and request, the handler runs at most once per TTL: any
+//!   response it gave (5xx included) is replayed; a request that did not answer (timeout,
+//!   disconnect, panic, crash) is reported as abandoned, not run again. Only `429` and
+//!   responses marked [`http::ReleaseKey`] free the key. Concurrent retries get `409`,
+//!   different requests `422`.
 //!
 //! # Failure modes
 //! | failure | what happens |
@@ -78,9 +81,12 @@
 //! | rebalance while a message is in flight | it finishes; the new owner may redeliver it: `Duplicate` |
 //! | handler returns [`HandlerError::Transient`], PostgreSQL down | retried with backoff, partition waits (optionally dead-lettered after [`InboxConsumerBuilder::max_attempts`]) |
 //! | missing/invalid `event-id`, payload not decodable, [`HandlerError::Permanent`] | written to the dead-letter destination ([`DeadLetter`]) with the error; the partition moves on |
+//! | handler panics (e.g. an out-of-bounds index) | caught per event, transaction rolled back, retried with backoff, dead-lettered with the panic message after [`InboxConsumerBuilder::max_panic_attempts`] (3); the partition moves on |
 //! | unknown event type | skipped by default, or dead-lettered ([`UnknownEventType`]) |
 //! | guard records purged too early ([`ProcessedEvents::purge_older_than`]) | a later redelivery applies again: keep retention above topic retention |
-//! | HTTP request abandoned mid-flight | key released; a crashed process's key is reclaimable after the in-flight timeout |
+//! | HTTP request dropped mid-flight (timeout layer, client gone) or handler panicked | key marked abandoned, never released: retries get `409 idempotency_key_abandoned` (outcome unknown), or run again with [`IdempotencyLayer::rerun_abandoned`] |
+//! | HTTP process crashed mid-request | key stays in flight: `409 idempotency_key_in_use` until [`IdempotencyLayer::in_flight_timeout`], then abandoned as above |
+//! | HTTP response larger than [`IdempotencyLayer::max_body_bytes`] | returned whole; the key keeps the status only: retries get `409 idempotency_response_not_stored` |
 //!
 //! Dead-lettered events are not recorded by the guard: replaying them (after a fix) works.
 //! The schema is created by [`migrate`] (plain `CREATE .. IF NOT EXISTS` files from

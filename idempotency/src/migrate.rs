@@ -23,6 +23,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_idempotency_keys",
         include_str!("../migrations/0003_idempotency_keys.sql"),
     ),
+    (
+        "0004_idempotency_key_states",
+        include_str!("../migrations/0004_idempotency_key_states.sql"),
+    ),
 ];
 
 /// Creates the crate's tables (`eventful_processed_events`, `eventful_dead_letters`,

@@ -993,3 +993,129 @@ async fn a_stuck_partition_does_not_block_the_others() {
         "in order after the failure cleared"
     );
 }
+
+/// Panics (like an out-of-bounds index) on one event, records the others.
+struct Panicky {
+    inner: RecordEffect,
+    target: Uuid,
+    panics: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait]
+impl EventHandler for Panicky {
+    type Payload = Payload;
+
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &EventMeta,
+        payload: Payload,
+    ) -> Result<(), HandlerError> {
+        // Write first, then panic: the rollback must discard the write.
+        self.inner.handle(tx, event, payload).await?;
+        if event.id == self.target {
+            self.panics
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let plan: Vec<u32> = Vec::new();
+            let step = 3;
+            let _ = plan[step];
+        }
+        Ok(())
+    }
+}
+
+/// A handler that panics on one event does not kill its partition: the event is retried,
+/// then dead-lettered with the panic message, the events after it are applied once, and
+/// the consumer keeps consuming.
+#[tokio::test]
+async fn a_panicking_handler_dead_letters_its_event_and_the_partition_goes_on() {
+    use std::sync::atomic::Ordering;
+    eventful_test_support::init_tracing();
+    let db = database().await;
+    let (_broker, brokers) = shared_broker().await;
+    let topic = topic_on(&brokers, 1).await;
+    let group = format!("inbox-{}", Uuid::new_v4().simple());
+    let producer = kafka::producer(&brokers);
+    let (poison, good1, good2, late) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    produce(
+        &producer,
+        &topic,
+        &[
+            order(poison, 0, "k".into()),
+            order(good1, 1, "k".into()),
+            order(good2, 2, "k".into()),
+        ],
+    )
+    .await;
+    let panics = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let handler = Panicky {
+        inner: RecordEffect { instance: "a" },
+        target: poison,
+        panics: panics.clone(),
+    };
+    let log = Log::default();
+    let (cancel, task) = start(&brokers, &group, &topic, &db.pool, handler, &log, |b| b);
+    let pool = db.pool.clone();
+    wait_until(
+        "good1 and good2 are applied",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move { effects(&pool).await.0 >= 2 }
+        },
+    )
+    .await;
+    // The consumer keeps consuming after the panic.
+    produce(&producer, &topic, &[order(late, 3, "k".into())]).await;
+    let pool = db.pool.clone();
+    wait_until("the late event is applied", Duration::from_secs(30), || {
+        let pool = pool.clone();
+        async move { effects(&pool).await.0 >= 3 }
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+
+    let applied: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT event_id, count(*) FROM effects GROUP BY event_id ORDER BY min(seq)",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        applied,
+        vec![(good1, 1), (good2, 1), (late, 1)],
+        "the good events once each, nothing of the poison"
+    );
+    let (error,): (String,) = sqlx::query_as(
+        "SELECT error FROM eventful_dead_letters WHERE consumer = $1 AND event_id = $2",
+    )
+    .bind(&group)
+    .bind(poison)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(error.contains("panicked"), "{error}");
+    assert!(error.contains("index out of bounds"), "{error}");
+    assert!(
+        panics.load(Ordering::SeqCst) >= 1,
+        "the poison reached the handler"
+    );
+    let poisoned: Vec<Delivery> = log
+        .all()
+        .into_iter()
+        .filter(|d| d.event_id == Some(poison))
+        .collect();
+    assert_eq!(poisoned.len(), 1);
+    assert!(matches!(poisoned[0].outcome, Outcome::DeadLettered { .. }));
+    assert_eq!(
+        poisoned[0].attempts,
+        panics.load(Ordering::SeqCst),
+        "every attempt panicked"
+    );
+}

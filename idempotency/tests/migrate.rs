@@ -22,3 +22,30 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
     .unwrap();
     assert_eq!(tables, 3);
 }
+
+/// A database migrated by an earlier version (keys table without `locked_until`) is
+/// upgraded in place: the column is added, existing rows are kept.
+#[tokio::test]
+async fn migrate_upgrades_an_existing_idempotency_keys_table() {
+    let db = TestDatabase::create().await;
+    sqlx::raw_sql(include_str!("../migrations/0003_idempotency_keys.sql"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO eventful_idempotency_keys (scope, key, request_hash, token, state, expires_at) \
+         VALUES ('POST /orders', 'k', 'h', gen_random_uuid(), 'completed', now() + interval '1 day')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventful_idempotency::migrate(&db.pool).await.unwrap();
+    eventful_idempotency::migrate(&db.pool).await.unwrap();
+    let (rows, without_lock): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE locked_until IS NULL) FROM eventful_idempotency_keys",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, without_lock), (1, 1));
+}

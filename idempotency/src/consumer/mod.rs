@@ -9,7 +9,9 @@
 //!
 //! Partitions run concurrently (one task each); messages of one partition run in order. A
 //! partition whose handler keeps failing transiently waits (it is paused in the client, so
-//! the consumer keeps polling and stays in the group) while the others go on.
+//! the consumer keeps polling and stays in the group) while the others go on. A handler
+//! that panics fails only its event: the panic is caught, the transaction rolled back, and
+//! the event retried and then dead-lettered ([`InboxConsumerBuilder::max_panic_attempts`]).
 
 mod dead_letter;
 mod options;
@@ -128,6 +130,7 @@ pub(crate) struct Settings {
     pub(crate) backoff_initial: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) max_attempts: Option<u32>,
+    pub(crate) max_panic_attempts: u32,
     pub(crate) on_delivery: Option<DeliveryHook>,
 }
 
@@ -162,6 +165,7 @@ impl InboxConsumer {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             max_attempts: None,
+            max_panic_attempts: 3,
             partition_buffer: 1024,
             on_delivery: None,
         }
@@ -194,7 +198,8 @@ impl InboxConsumer {
 }
 
 /// Configures an [`InboxConsumer`]. Defaults: dead letters to the `eventful_dead_letters`
-/// table, unknown event types skipped, transient retries forever with exponential backoff
+/// table, unknown event types skipped, a handler that panics dead-lettered after 3
+/// attempts, transient retries forever with exponential backoff
 /// from 100 ms to 30 s, a buffer of 1,024 messages per partition.
 pub struct InboxConsumerBuilder {
     options: ConsumerOptions,
@@ -206,6 +211,7 @@ pub struct InboxConsumerBuilder {
     backoff_initial: Duration,
     backoff_max: Duration,
     max_attempts: Option<u32>,
+    max_panic_attempts: u32,
     partition_buffer: usize,
     on_delivery: Option<DeliveryHook>,
 }
@@ -261,6 +267,16 @@ impl InboxConsumerBuilder {
         self
     }
 
+    /// Dead-letter a message after its handler panicked this many times (default 3, also
+    /// bounded by [`max_attempts`](Self::max_attempts)). A panic is caught per event and
+    /// its transaction rolled back; it is retried with the transient backoff, since a panic
+    /// is usually a bug that fails the same way again, only a few times, and then
+    /// dead-lettered with the panic message, so the partition goes on.
+    pub fn max_panic_attempts(mut self, attempts: u32) -> Self {
+        self.max_panic_attempts = attempts.max(1);
+        self
+    }
+
     /// Messages buffered per partition before the partition is paused in the client
     /// (default 1,024); it resumes once half of them are processed. Pausing makes
     /// librdkafka drop and later refetch what it had prefetched for the partition, so keep
@@ -311,6 +327,7 @@ impl InboxConsumerBuilder {
                 backoff_initial: self.backoff_initial,
                 backoff_max: self.backoff_max,
                 max_attempts: self.max_attempts,
+                max_panic_attempts: self.max_panic_attempts,
                 on_delivery: self.on_delivery,
             }),
             options: self.options,

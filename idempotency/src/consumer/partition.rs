@@ -1,8 +1,11 @@
 //! One partition's worker: processes its messages in order, one transaction each.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use rand::Rng as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -63,7 +66,13 @@ pub(crate) async fn run_partition(
             return;
         };
         if let Some(hook) = &settings.on_delivery {
-            hook(delivery).await;
+            // The message is settled: a panicking hook must not kill the partition.
+            if let Err(panic) = AssertUnwindSafe(async { hook(delivery).await })
+                .catch_unwind()
+                .await
+            {
+                tracing::error!(panic = %panic_message(&*panic), "on_delivery hook panicked");
+            }
         }
         offsets.store(&message.topic, message.partition, message.offset + 1);
     }
@@ -73,6 +82,8 @@ enum Attempt {
     Done(Option<EventMeta>, Outcome),
     Transient(Option<EventMeta>, String),
     Permanent(Option<EventMeta>, String),
+    /// The handler panicked (its transaction was rolled back); the panic message.
+    Panicked(Option<EventMeta>, String),
 }
 
 /// Processes one message to completion (applied, duplicate, skipped or dead-lettered),
@@ -83,6 +94,7 @@ async fn process(
     stop: &CancellationToken,
 ) -> Option<Delivery> {
     let mut attempts = 0u32;
+    let mut panics = 0u32;
     let mut backoff = settings.backoff_initial;
     loop {
         attempts += 1;
@@ -99,6 +111,22 @@ async fn process(
                     (meta, Outcome::DeadLettered { error })
                 } else {
                     tracing::warn!(attempts, error = %error, ?backoff, "transient failure, retrying");
+                    sleep_or_stop(jitter(backoff), stop).await?;
+                    backoff = (backoff * 2).min(settings.backoff_max);
+                    continue;
+                }
+            }
+            Attempt::Panicked(meta, panic) => {
+                panics += 1;
+                let error = format!("handler panicked: {panic}");
+                let exhausted = panics >= settings.max_panic_attempts
+                    || settings.max_attempts.is_some_and(|max| attempts >= max);
+                if exhausted {
+                    let error = format!("{error} (gave up after {attempts} attempts)");
+                    let error = dead_letter(settings, message, meta.as_ref(), error, stop).await?;
+                    (meta, Outcome::DeadLettered { error })
+                } else {
+                    tracing::error!(attempts, error = %error, ?backoff, "handler panicked, retrying");
                     sleep_or_stop(jitter(backoff), stop).await?;
                     backoff = (backoff * 2).min(settings.backoff_max);
                     continue;
@@ -154,9 +182,19 @@ async fn attempt(settings: &Settings, message: &RawMessage) -> Attempt {
         }
         Err(e) => return Attempt::Transient(Some(meta), format!("guard: {e}")),
     }
-    match handler.handle(&mut tx, &meta).await {
-        Ok(()) => {}
-        Err(failure) => {
+    // A panic (a bug such as an out-of-bounds index) is caught per event: unwinding out of
+    // here would end the partition's task and stall the partition for good. The transaction
+    // is rolled back, so nothing of the panicking attempt is applied.
+    let handled = AssertUnwindSafe(async { handler.handle(&mut tx, &meta).await })
+        .catch_unwind()
+        .await;
+    match handled {
+        Ok(Ok(())) => {}
+        Err(panic) => {
+            let _ = tx.rollback().await;
+            return Attempt::Panicked(Some(meta), panic_message(&*panic));
+        }
+        Ok(Err(failure)) => {
             let _ = tx.rollback().await;
             return match failure {
                 Failure::Decode(e) => Attempt::Permanent(Some(meta), e.to_string()),
@@ -212,6 +250,17 @@ async fn sleep_or_stop(delay: Duration, stop: &CancellationToken) -> Option<()> 
     tokio::select! {
         _ = stop.cancelled() => None,
         _ = tokio::time::sleep(delay) => Some(()),
+    }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
     }
 }
 

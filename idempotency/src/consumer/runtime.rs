@@ -151,7 +151,13 @@ pub(crate) async fn run(
     loop {
         state.follow_revocations();
         state.flush_backlogs();
-        while state.tasks.try_join_next().is_some() {}
+        if let Some(failure) = state.reap_workers() {
+            // A worker died outside the handler (handler panics are caught per event): its
+            // partition would stall with its messages stuck in a backlog. Leave the group
+            // so the partitions move to a healthy member, and report it to the caller.
+            state.shutdown().await;
+            return Err(failure);
+        }
         let client = state.client.clone();
         tokio::select! {
             biased;
@@ -275,6 +281,20 @@ impl Loop {
                 paused: false,
             },
         );
+    }
+
+    /// Collects finished worker tasks; a task that panicked is returned as an error.
+    fn reap_workers(&mut self) -> Option<Error> {
+        while let Some(result) = self.tasks.try_join_next() {
+            if let Err(e) = result {
+                if e.is_panic() {
+                    let panic = super::partition::panic_message(&*e.into_panic());
+                    tracing::error!(panic = %panic, "partition worker panicked");
+                    return Some(Error::WorkerPanicked(panic));
+                }
+            }
+        }
+        None
     }
 
     fn has_backlog(&self) -> bool {
