@@ -21,6 +21,15 @@ pub enum Error {
     /// plain SQL identifier). Permanent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// An event's key is longer than [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) bytes; nothing was
+    /// recorded. Permanent: shorten the key (for example hash a long natural key).
+    #[error("event key is {len} bytes long; the maximum is {max} bytes")]
+    KeyTooLong {
+        /// Length of the rejected key in bytes (UTF-8).
+        len: usize,
+        /// The maximum, [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).
+        max: usize,
+    },
     /// The publisher could not deliver an event but a later attempt may succeed (broker
     /// unreachable, timeout, leader change, queue full).
     #[error("publishing failed (retryable): {0}")]
@@ -47,7 +56,10 @@ impl Error {
                 _ => false,
             },
             Error::PublishRetryable(_) => true,
-            Error::Serialize(_) | Error::Config(_) | Error::PublishPermanent(_) => false,
+            Error::Serialize(_)
+            | Error::Config(_)
+            | Error::KeyTooLong { .. }
+            | Error::PublishPermanent(_) => false,
         }
     }
 }

@@ -163,5 +163,10 @@ pub use retention::Retention;
 /// The token that stops a [`Relay`] or [`Retention`] task (re-exported from `tokio-util`).
 pub use tokio_util::sync::CancellationToken;
 
+/// The longest event key [`Outbox::record`] accepts, in bytes (UTF-8). Longer keys are
+/// refused with [`Error::KeyTooLong`]: a key is a Kafka message key and an ordering key, and
+/// the relay indexes the keys of failing events, so it must stay small.
+pub const MAX_KEY_LEN: usize = 1024;
+
 /// The number of key-hash partitions relays share (fixed by the schema).
 pub const PARTITIONS: i32 = sql::PARTITIONS;
