@@ -126,7 +126,8 @@
 //! | Broker down / slow | Deliveries time out (`message.timeout.ms`), events back off per key (100 ms … 30 s, jitter), the producer is replaced, the table grows, everything drains in order later. |
 //! | One event always fails | Parked after `max_attempts` (default 20); only its key waits; re-drive with [`Outbox::redrive`]. |
 //! | PostgreSQL down | Batches fail and are retried every second; leases may expire and move. |
-//! | LISTEN connection lost | Polling every `poll_interval` until it reconnects. |
+//! | LISTEN fails at start or its connection is lost | Polling every `poll_interval`; the relay tries a fresh `LISTEN` every second and looks at the table once it is back. |
+//! | Marking a row fails for good (e.g. an over-long key from an older writer) | Marks are per statement, then row by row: only that row stays pending; the rest of the batch is marked. |
 //! | Table growth | [`Retention`] deletes published rows older than `max_age` in bounded batches. |
 //!
 //! Known limits:

@@ -554,3 +554,71 @@ async fn a_mark_that_always_fails_does_not_republish_the_rest_of_the_batch() {
     cancel.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// A LISTEN that fails when the relay starts is retried: once it is back, a NOTIFY wakes the
+/// relay at once, not at the next poll (60 s here).
+#[tokio::test]
+async fn listen_failing_at_start_is_retried() {
+    use std::sync::atomic::Ordering;
+    let (db, outbox) = common::setup().await;
+    let proxy = common::PgProxy::start(&db.url).await;
+    let pool = proxy.pool(&db.url, 5).await;
+    proxy.block_listen.store(true, Ordering::SeqCst);
+    let publisher = InMemoryPublisher::new();
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(pool, outbox.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let metrics = relay.metrics();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "the relay's LISTEN was refused",
+        Duration::from_secs(10),
+        || async {
+            proxy.blocked.load(Ordering::SeqCst) >= 1 && metrics.snapshot().partitions == 64
+        },
+    )
+    .await;
+    proxy.block_listen.store(false, Ordering::SeqCst);
+    wait_until(
+        "the relay LISTENs again",
+        Duration::from_secs(10),
+        || async { proxy.passed.load(Ordering::SeqCst) >= 1 },
+    )
+    .await;
+    let started = Instant::now();
+    let id = record(&db, &outbox, "k", "after").await;
+    wait_until(
+        "the NOTIFY wakes the relay",
+        Duration::from_secs(10),
+        || async { publisher.messages().iter().any(|m| m.event_id == id) },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The same when the listening connection is killed while the relay runs.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true], "one listening backend");
+    wait_until(
+        "the relay LISTENs again after its connection was killed",
+        Duration::from_secs(10),
+        || async { proxy.passed.load(Ordering::SeqCst) >= 2 },
+    )
+    .await;
+    let id = record(&db, &outbox, "k", "after the kill").await;
+    wait_until(
+        "the NOTIFY wakes the relay again",
+        Duration::from_secs(10),
+        || async { publisher.messages().iter().any(|m| m.event_id == id) },
+    )
+    .await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}

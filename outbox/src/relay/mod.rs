@@ -204,7 +204,8 @@ impl Relay {
                 match self.listener().await {
                     Ok(l) => Some(l),
                     Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN failed; polling only");
+                        // Retried by the listen loop; the relay polls meanwhile.
+                        tracing::warn!(error = %e, "LISTEN failed; polling until it works");
                         None
                     }
                 }
@@ -280,17 +281,40 @@ impl Relay {
     /// Turns `NOTIFY`s into wake-ups. Runs on its own so a notification is never lost to a
     /// cancelled receive; `Notify` keeps one permit, so notifications that arrive during a
     /// batch coalesce into a single extra look at the table.
+    ///
+    /// Without a working `LISTEN` (it failed at start, or its connection broke), it tries
+    /// again every `error_backoff` on a fresh connection (the relay polls meanwhile), and
+    /// wakes the work loop once it listens again: notifications sent in between are lost.
     async fn listen_loop(&self, listener: Option<PgListener>, wake: &Notify) {
-        let Some(mut listener) = listener else {
+        if !self.config.listen {
             return std::future::pending().await;
-        };
+        }
+        let mut listener = listener;
         loop {
-            match listener.recv().await {
-                Ok(_) => wake.notify_one(),
+            let Some(current) = listener.as_mut() else {
+                tokio::time::sleep(self.config.error_backoff).await;
+                match self.listener().await {
+                    Ok(fresh) => {
+                        tracing::info!("LISTEN is back");
+                        listener = Some(fresh);
+                        wake.notify_one();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed again; polling until it works");
+                    }
+                }
+                continue;
+            };
+            match current.try_recv().await {
+                Ok(Some(_)) => wake.notify_one(),
+                // The connection was lost and sqlx re-established it (and re-LISTENed):
+                // look at the table for what was notified in between.
+                Ok(None) => wake.notify_one(),
                 Err(e) => {
+                    // Whatever state the old connection is in, start over on a fresh one.
                     tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                    listener = None;
                     wake.notify_one();
-                    tokio::time::sleep(self.config.error_backoff).await;
                 }
             }
         }
