@@ -320,3 +320,25 @@ impl PgProxy {
             .expect("pool through the proxy")
     }
 }
+
+/// Creates a topic whose broker-side `max.message.bytes` is `max_bytes`.
+pub async fn create_small_topic(brokers: &str, partitions: i32, max_bytes: usize) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    eventful_test_support::kafka::require_broker(brokers).await;
+    let name = format!("test-small-{}", Uuid::new_v4().simple());
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let max_bytes = max_bytes.to_string();
+    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1))
+        .set("max.message.bytes", &max_bytes);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics([&topic], &options).await.unwrap() {
+        result.unwrap();
+    }
+    // Waits for the partitions' metadata (an existing topic is fine).
+    eventful_test_support::kafka::create_topic_on(brokers, &name, partitions).await;
+    name
+}
