@@ -90,15 +90,17 @@
 //! stay pending and are sent after it. A parked event blocks only its own key; other keys
 //! flow. [`Outbox::parked`] lists parked events, [`Outbox::redrive`] re-queues them.
 //!
-//! **Batches.** The Kafka publisher starts every send of a batch and then awaits all the
-//! delivery reports, so a batch costs one round trip. Within a batch, once an event of a key
-//! cannot be enqueued, the later events of that key are not sent. For events already
-//! enqueued, per-key order within a batch rests on Kafka: same key, same partition, one
-//! idempotent producer (`enable.idempotence=true`, so librdkafka keeps a partition's
-//! sequence gap-free and in order across its internal retries). After a batch with failed
-//! deliveries the producer is replaced by a fresh one (new producer id), because a broker
-//! that lost the producer's sequence state during an outage may otherwise reject every later
-//! message.
+//! **Batches.** The Kafka publisher sends a batch in waves: each wave sends the oldest unsent
+//! event of every key at once and awaits the delivery reports; a key's next event goes out
+//! in the next wave, and only if this one was delivered. So a failed event is never
+//! overtaken by a later event of its key (without this, the later one could travel in
+//! another produce request and be appended although the earlier one was rejected), and a
+//! batch costs one round trip per event of its busiest key; many keys travel together. A
+//! broker rejects a whole produce request when one of its events is too large, so an event
+//! rejected for good in a wave of several is sent once more alone before it is reported
+//! failed: other keys are not parked with it. After a batch with failed deliveries the
+//! producer is replaced by a fresh one (new producer id), because a broker that lost the
+//! producer's sequence state during an outage may otherwise reject every later message.
 //!
 //! **Metrics.** [`Relay::metrics`] returns a [`RelayMetricsHandle`] whose snapshot has the
 //! counters `published`, `retried`, `parked`, `batches`, the partitions held, and the gauges
@@ -126,16 +128,16 @@
 //! | Broker down / slow | Deliveries time out (`message.timeout.ms`), events back off per key (100 ms … 30 s, jitter), the producer is replaced, the table grows, everything drains in order later. |
 //! | One event always fails | Parked after `max_attempts` (default 20); only its key waits; re-drive with [`Outbox::redrive`]. |
 //! | PostgreSQL down | Batches fail and are retried every second; leases may expire and move. |
-//! | LISTEN connection lost | Polling every `poll_interval` until it reconnects. |
+//! | LISTEN fails at start or its connection is lost | Polling every `poll_interval`; the relay tries a fresh `LISTEN` every second and looks at the table once it is back. |
+//! | Marking a row fails for good (e.g. an over-long key from an older writer) | Marks are per statement, then row by row: only that row stays pending; the rest of the batch is marked. |
 //! | Table growth | [`Retention`] deletes published rows older than `max_age` in bounded batches. |
 //!
 //! Known limits:
 //! - a transaction recording key K blocks other transactions recording K until it ends;
 //! - the number of partitions (64) is fixed by the schema;
-//! - per-key order inside one batch relies on the idempotent producer as described above:
-//!   should a broker acknowledge a later event of a key although an earlier one of the same
-//!   batch failed, the later one would appear in the topic before the earlier one's first
-//!   copy (the relay still re-sends both, in order). The in-memory publisher never does this.
+//! - keys are at most [`MAX_KEY_LEN`] bytes;
+//! - a batch with many events of one key takes one round trip per event of that key (at
+//!   most one event per key is in flight).
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
@@ -162,6 +164,11 @@ pub use retention::Retention;
 
 /// The token that stops a [`Relay`] or [`Retention`] task (re-exported from `tokio-util`).
 pub use tokio_util::sync::CancellationToken;
+
+/// The longest event key [`Outbox::record`] accepts, in bytes (UTF-8). Longer keys are
+/// refused with [`Error::KeyTooLong`]: a key is a Kafka message key and an ordering key, and
+/// the relay indexes the keys of failing events, so it must stay small.
+pub const MAX_KEY_LEN: usize = 1024;
 
 /// The number of key-hash partitions relays share (fixed by the schema).
 pub const PARTITIONS: i32 = sql::PARTITIONS;

@@ -11,11 +11,18 @@ use crate::sql::{Sql, MIGRATE_LOCK};
 use crate::Error;
 
 /// `(version, description, SQL template)`, in order.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "outbox, leases and relays tables",
-    include_str!("../migrations/0001_outbox.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "outbox, leases and relays tables",
+        include_str!("../migrations/0001_outbox.sql"),
+    ),
+    (
+        2,
+        "index failing rows by a hash of the key",
+        include_str!("../migrations/0002_failing_index_by_key_hash.sql"),
+    ),
+];
 
 pub(crate) async fn run(pool: &PgPool, sql: &Sql) -> Result<(), Error> {
     let mut tx = pool.begin().await?;

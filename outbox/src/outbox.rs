@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::event::{NewEvent, TRACEPARENT};
 use crate::sql::{fnv1a64, Sql, PARTITIONS};
-use crate::Error;
+use crate::{Error, MAX_KEY_LEN};
 
 /// Supplies the W3C `traceparent` of the current context for events that carry none.
 pub type TraceparentSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
@@ -224,6 +224,9 @@ impl Outbox {
 
     /// Records one event in the caller's transaction; returns its id.
     ///
+    /// Fails with [`Error::KeyTooLong`] (and writes nothing) when the key is longer than
+    /// [`MAX_KEY_LEN`] bytes.
+    ///
     /// Pass `&mut *tx` for a `sqlx::Transaction<'_, Postgres>`. The event becomes visible to
     /// the relay when, and only when, the transaction commits.
     ///
@@ -239,7 +242,8 @@ impl Outbox {
     }
 
     /// Records several events in the caller's transaction, in the given order; returns their
-    /// ids. Events of the same key are published in this order.
+    /// ids. Events of the same key are published in this order. Writes nothing if any key is
+    /// longer than [`MAX_KEY_LEN`] bytes ([`Error::KeyTooLong`]).
     #[tracing::instrument(skip_all, fields(table = %self.qualified_table(), events))]
     pub async fn record_all(
         &self,
@@ -250,6 +254,14 @@ impl Outbox {
         tracing::Span::current().record("events", events.len());
         if events.is_empty() {
             return Ok(Vec::new());
+        }
+        // Checked before anything is written, so a refused call leaves the transaction as
+        // it was.
+        if let Some(event) = events.iter().find(|e| e.key.len() > MAX_KEY_LEN) {
+            return Err(Error::KeyTooLong {
+                len: event.key.len(),
+                max: MAX_KEY_LEN,
+            });
         }
         if let Some(source) = &self.inner.traceparent {
             let mut current: Option<Option<String>> = None;

@@ -145,8 +145,10 @@ impl Sql {
             ),
             // Pending rows of the partitions this relay holds (with at least $2 ms of lease
             // left), oldest first (`= ANY(ARRAY(..))` lets the planner walk the pending index
-            // in seq order and stop at the limit instead of sorting every pending row), excluding every row whose key has an earlier-or-same
-            // pending row that is parked or waiting for its next attempt (head-of-key).
+            // in seq order and stop at the limit instead of sorting every pending row),
+            // excluding every row whose key has an earlier-or-same pending row that is parked
+            // or waiting for its next attempt (head-of-key). The key is compared through its
+            // hash first: that is what the index of failing rows holds (migration 0002).
             fetch: format!(
                 "SELECT o.seq, o.id, o.topic, o.key, o.event_type, o.payload, o.content_type, \
                         o.headers::text AS headers, o.created_at, o.attempts \
@@ -157,7 +159,8 @@ impl Sql {
                       WHERE l.owner = $1 AND l.expires_at > now() + $2::float8 * interval '1 millisecond')) \
                    AND NOT EXISTS \
                      (SELECT 1 FROM {t} b \
-                      WHERE b.key = o.key AND b.seq <= o.seq \
+                      WHERE md5(b.key) = md5(o.key) AND b.key = o.key \
+                        AND b.seq <= o.seq \
                         AND b.published_at IS NULL AND b.attempts > 0 \
                         AND (b.parked_at IS NOT NULL OR b.next_attempt_at > now())) \
                  ORDER BY o.seq \

@@ -1,5 +1,6 @@
 //! Guarantee 3: per-key commit order on the topic with three relays running concurrently
-//! on the same table, across a relay crash, with concurrent writers and rollbacks.
+//! on the same table, across a relay crash, with concurrent writers and rollbacks; and when
+//! the broker rejects an event.
 // `&mut *tx` is the documented way to hand a transaction to `record`.
 #![allow(clippy::explicit_auto_deref)]
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventful_outbox::{KafkaPublisher, NewEvent, Relay};
+use eventful_outbox::{EventStatus, KafkaPublisher, NewEvent, Relay};
 use eventful_test_support::{kafka, wait_until, KafkaBroker};
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
@@ -178,5 +179,78 @@ async fn serial_three_relays_keep_per_key_commit_order_across_a_crash() {
     cancel.cancel();
     for r in [r2, r3, r4] {
         r.await.unwrap().unwrap();
+    }
+}
+
+/// Per-key order when the broker rejects an event (too large for the topic): the relay parks
+/// it, marks published only what the broker acknowledged, and keeps the later event of its
+/// key pending and off the topic, while other keys in the same batches are published.
+#[tokio::test]
+async fn broker_rejection_parks_the_event_and_holds_back_only_its_key() {
+    let brokers = kafka::brokers();
+    for batch_messages in ["10000", "1"] {
+        let (db, outbox) = common::setup().await;
+        let topic = common::create_small_topic(&brokers, 1, 1024).await;
+        let record = |key: &str, payload: Vec<u8>| {
+            let (pool, outbox, topic) = (db.pool.clone(), outbox.clone(), topic.clone());
+            let key = key.to_owned();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                let id = outbox
+                    .record(&mut *tx, NewEvent::bytes(&topic, key, "E", payload))
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                id
+            }
+        };
+        let a1 = record("a", vec![7; 4096]).await;
+        let a2 = record("a", b"a2".to_vec()).await;
+        let b1 = record("b", b"b1".to_vec()).await;
+        let c1 = record("c", b"c1".to_vec()).await;
+        let b2 = record("b", b"b2".to_vec()).await;
+        let publisher = KafkaPublisher::builder(&brokers)
+            .set("batch.num.messages", batch_messages)
+            .build()
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher)
+            .build()
+            .unwrap();
+        let metrics = relay.metrics();
+        let handle = relay.spawn(cancel.clone());
+        wait_until(
+            "a1 is parked and the other keys are published",
+            Duration::from_secs(20),
+            || async {
+                let m = metrics.snapshot();
+                m.parked == 1 && m.published == 3
+            },
+        )
+        .await;
+        assert!(
+            matches!(
+                outbox.status(&db.pool, a1).await.unwrap(),
+                Some(EventStatus::Parked { attempts: 1, .. })
+            ),
+            "batch.num.messages={batch_messages}"
+        );
+        assert_eq!(
+            outbox.status(&db.pool, a2).await.unwrap(),
+            Some(EventStatus::Pending { attempts: 0 }),
+            "batch.num.messages={batch_messages}"
+        );
+        let on_topic = common::read_topic(
+            &brokers,
+            &topic,
+            &[b1, c1, b2].into(),
+            Duration::from_secs(15),
+            Some(Duration::from_secs(2)),
+        )
+        .await;
+        let ids: Vec<Uuid> = on_topic.iter().map(common::event_id).collect();
+        assert_eq!(ids, vec![b1, c1, b2], "batch.num.messages={batch_messages}");
+        cancel.cancel();
+        handle.await.unwrap().unwrap();
     }
 }

@@ -7,7 +7,9 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use eventful_outbox::{EventStatus, InMemoryPublisher, KafkaPublisher, NewEvent, Outbox, Relay};
+use eventful_outbox::{
+    Error, EventStatus, InMemoryPublisher, KafkaPublisher, NewEvent, Outbox, Relay, MAX_KEY_LEN,
+};
 use eventful_test_support::{kafka, wait_until, TestDatabase};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -34,7 +36,7 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
     let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.outbox_leases")
         .fetch_one(&db.pool)
         .await
@@ -355,4 +357,43 @@ async fn same_key_transactions_serialize_other_keys_do_not() {
             .unwrap();
     assert_eq!(seqs.len(), 2);
     assert_eq!(seqs[1].1, second_id, "the later commit has the larger seq");
+}
+
+/// `record` refuses a key longer than `MAX_KEY_LEN` bytes with an error naming the limit,
+/// and writes nothing (not even the other events of the same call); a key of exactly the
+/// limit is fine.
+#[tokio::test]
+async fn record_rejects_an_over_long_key_and_writes_nothing() {
+    let (db, outbox) = common::setup().await;
+    let max = 1024;
+    let mut tx = db.pool.begin().await.unwrap();
+    let result = outbox
+        .record_all(
+            &mut *tx,
+            [
+                NewEvent::bytes("t", "short", "E", b"x".to_vec()),
+                NewEvent::bytes("t", "é".repeat(max / 2 + 1), "E", b"x".to_vec()),
+            ],
+        )
+        .await;
+    assert!(result.is_err(), "record accepted a {}-byte key", max + 2);
+    match result {
+        Err(Error::KeyTooLong { len, max: limit }) => {
+            assert_eq!((len, limit), (max + 2, MAX_KEY_LEN));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(MAX_KEY_LEN, max);
+    tx.commit().await.unwrap();
+    assert_eq!(common::row_count(&db).await, 0);
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .record(
+            &mut *tx,
+            NewEvent::bytes("t", "k".repeat(max), "E", b"x".to_vec()),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(common::row_count(&db).await, 1);
 }

@@ -386,3 +386,239 @@ async fn polling_fallback_publishes_without_notifications() {
     cancel.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// Inserts a pending row directly, as an older version or another writer could have (the
+/// long keys `record` now refuses).
+async fn insert_raw(db: &TestDatabase, key: &str, payload: &str) -> Uuid {
+    let id = Uuid::now_v7();
+    // Any partition works: the test's single relay holds all of them.
+    sqlx::query(
+        "INSERT INTO eventful_outbox (id, topic, key, partition, event_type, payload, content_type) \
+         VALUES ($1, 't', $2, 0, 'E', $3, 'application/octet-stream')",
+    )
+    .bind(id)
+    .bind(key)
+    .bind(payload.as_bytes())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    id
+}
+
+/// A random (incompressible) key of `len` ASCII characters.
+fn random_key(len: usize) -> String {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| char::from(rng.random_range(b'!'..=b'~')))
+        .collect()
+}
+
+/// Acknowledgements per event id, from a `common::Recording` publisher.
+fn acks_of<P>(recording: &common::Recording<P>, id: Uuid) -> u32 {
+    recording
+        .acks
+        .lock()
+        .unwrap()
+        .get(&id)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A 3 KB random key that fails permanently: recording its failure must neither fail nor
+/// take the rest of the batch with it. It is parked; the ten others are published once.
+#[tokio::test]
+async fn failing_event_with_a_3kb_key_is_parked_and_the_batch_published_once() {
+    let (db, outbox) = common::setup().await;
+    let long_key = random_key(3 * 1024);
+    let long = insert_raw(&db, &long_key, "long").await;
+    let mut normal = Vec::new();
+    for i in 0..10 {
+        normal.push(record(&db, &outbox, &format!("k{i}"), "x").await);
+    }
+    let memory = InMemoryPublisher::new();
+    memory.fail_when(|r| {
+        (r.key.len() > 1024).then(|| Error::PublishPermanent("key rejected".into()))
+    });
+    let publisher = common::Recording::new(memory);
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "the long-key event is parked",
+        Duration::from_secs(10),
+        || async {
+            matches!(
+                outbox.status(&db.pool, long).await.unwrap(),
+                Some(EventStatus::Parked { .. })
+            )
+        },
+    )
+    .await;
+    wait_until(
+        "the ten others are marked published",
+        Duration::from_secs(10),
+        || async { common::published_count(&db).await == 10 },
+    )
+    .await;
+    // Three more batches (one canary event each) publish nothing again.
+    for i in 0..3 {
+        let canary = record(&db, &outbox, &format!("canary-{i}"), "c").await;
+        wait_until(
+            "the canary is published",
+            Duration::from_secs(10),
+            || async { acks_of(&publisher, canary) == 1 },
+        )
+        .await;
+    }
+    for id in &normal {
+        assert_eq!(
+            acks_of(&publisher, *id),
+            1,
+            "event {id} published more than once"
+        );
+    }
+    assert_eq!(acks_of(&publisher, long), 0);
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// Any deterministic failure while recording one event's failure (here a trigger) must not
+/// roll back the marks of the rest of the batch: they are published once, and the event
+/// whose mark fails stays pending (it is tried again, with the later events of its key held
+/// back behind it).
+#[tokio::test]
+async fn a_mark_that_always_fails_does_not_republish_the_rest_of_the_batch() {
+    let (db, outbox) = common::setup().await;
+    sqlx::query(
+        "CREATE FUNCTION cursed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'cannot mark %', NEW.key; END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER cursed BEFORE UPDATE ON eventful_outbox FOR EACH ROW \
+         WHEN (NEW.key = 'cursed' AND NEW.attempts > OLD.attempts) EXECUTE FUNCTION cursed()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let cursed = record(&db, &outbox, "cursed", "c1").await;
+    let cursed_later = record(&db, &outbox, "cursed", "c2").await;
+    let mut normal = Vec::new();
+    for i in 0..10 {
+        normal.push(record(&db, &outbox, &format!("k{i}"), "x").await);
+    }
+    let memory = InMemoryPublisher::new();
+    memory.fail_when(|r| (r.key == "cursed").then(|| Error::PublishPermanent("rejected".into())));
+    let publisher = common::Recording::new(memory);
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "the ten others are marked published",
+        Duration::from_secs(10),
+        || async { common::published_count(&db).await == 10 },
+    )
+    .await;
+    let batches = publisher.batches.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(
+        "the cursed event was tried three more times",
+        Duration::from_secs(20),
+        || async { publisher.batches.load(std::sync::atomic::Ordering::Relaxed) >= batches + 3 },
+    )
+    .await;
+    for id in &normal {
+        assert_eq!(
+            acks_of(&publisher, *id),
+            1,
+            "event {id} published more than once"
+        );
+    }
+    assert_eq!(
+        outbox.status(&db.pool, cursed).await.unwrap(),
+        Some(EventStatus::Pending { attempts: 0 })
+    );
+    assert_eq!(
+        acks_of(&publisher, cursed_later),
+        0,
+        "sent after a failed event of its key"
+    );
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// A LISTEN that fails when the relay starts is retried: once it is back, a NOTIFY wakes the
+/// relay at once, not at the next poll (60 s here).
+#[tokio::test]
+async fn listen_failing_at_start_is_retried() {
+    use std::sync::atomic::Ordering;
+    let (db, outbox) = common::setup().await;
+    let proxy = common::PgProxy::start(&db.url).await;
+    let pool = proxy.pool(&db.url, 5).await;
+    proxy.block_listen.store(true, Ordering::SeqCst);
+    let publisher = InMemoryPublisher::new();
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(pool, outbox.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let metrics = relay.metrics();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "the relay's LISTEN was refused",
+        Duration::from_secs(10),
+        || async {
+            proxy.blocked.load(Ordering::SeqCst) >= 1 && metrics.snapshot().partitions == 64
+        },
+    )
+    .await;
+    proxy.block_listen.store(false, Ordering::SeqCst);
+    wait_until(
+        "the relay LISTENs again",
+        Duration::from_secs(10),
+        || async { proxy.passed.load(Ordering::SeqCst) >= 1 },
+    )
+    .await;
+    let started = Instant::now();
+    let id = record(&db, &outbox, "k", "after").await;
+    wait_until(
+        "the NOTIFY wakes the relay",
+        Duration::from_secs(10),
+        || async { publisher.messages().iter().any(|m| m.event_id == id) },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The same when the listening connection is killed while the relay runs.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true], "one listening backend");
+    wait_until(
+        "the relay LISTENs again after its connection was killed",
+        Duration::from_secs(10),
+        || async { proxy.passed.load(Ordering::SeqCst) >= 2 },
+    )
+    .await;
+    let id = record(&db, &outbox, "k", "after the kill").await;
+    wait_until(
+        "the NOTIFY wakes the relay again",
+        Duration::from_secs(10),
+        || async { publisher.messages().iter().any(|m| m.event_id == id) },
+    )
+    .await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}

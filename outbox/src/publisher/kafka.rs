@@ -1,6 +1,6 @@
 //! [`KafkaPublisher`]: an idempotent rdkafka producer (feature `kafka`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, VecDeque};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -18,8 +18,8 @@ use crate::{Error, OutboxRecord};
 ///
 /// Per the wire contract the event key becomes the message key, the payload the value, and
 /// `event-id`, `event-type`, `content-type` plus the user's headers become Kafka headers.
-/// A batch starts every send, then awaits all delivery reports; only delivered events are
-/// reported `Ok`. After a batch with failed deliveries (or a fatal producer error) the
+/// A batch keeps at most one event per key in flight (see
+/// [`publish_batch`](Publisher::publish_batch)); only delivered events are reported `Ok`. After a batch with failed deliveries (or a fatal producer error) the
 /// producer is replaced by a fresh one (new idempotent producer id), so a broker that lost
 /// track of the producer's sequence numbers during an outage cannot wedge it.
 pub struct KafkaPublisher {
@@ -143,69 +143,125 @@ enum Failure {
     Dropped,
 }
 
+/// Enqueues `event`; the future resolves with its delivery report.
+fn send(
+    producer: &FutureProducer,
+    event: &OutboxRecord,
+) -> impl std::future::Future<Output = Result<(), Failure>> + Send + 'static {
+    let wire = event.wire_headers();
+    let mut headers = OwnedHeaders::new_with_capacity(wire.len());
+    for (name, value) in &wire {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let record = FutureRecord::to(&event.topic)
+        .key(event.key.as_bytes())
+        .payload(&event.payload)
+        .headers(headers);
+    match producer.send_result(record) {
+        Ok(delivery) => Either::Right(async move {
+            match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(Failure::Delivery(e)),
+                Err(_) => Err(Failure::Dropped),
+            }
+        }),
+        Err((e, _)) => Either::Left(future::ready(Err(Failure::Enqueue(e)))),
+    }
+}
+
 #[async_trait]
 impl Publisher for KafkaPublisher {
+    /// Sends in waves: each wave sends the oldest unsent event of every key at once and
+    /// awaits their delivery reports; a key's next event goes out in the next wave, and only
+    /// if this one was delivered. So at most one event per key is in flight: a failed event
+    /// can never be overtaken by a later one of its key (librdkafka alone does not prevent
+    /// that once a message fails for good: the later one may travel in another produce
+    /// request and be appended). A batch costs one round trip per event of its busiest key;
+    /// events of different keys travel together.
+    ///
+    /// A broker rejects a whole produce request (all the events of one partition in it) when
+    /// one event is too large, so a permanent delivery error in a wave of several events is
+    /// checked by sending that event again alone: only an event that fails alone is
+    /// reported failed. (This assumes no other batch is in flight on the same publisher; the
+    /// relay publishes one batch at a time.)
     async fn publish_batch(&self, events: &[OutboxRecord]) -> Vec<Result<(), Error>> {
         let producer = self.producer();
-        let mut failed_keys: HashSet<&str> = HashSet::new();
-        let mut pending = Vec::with_capacity(events.len());
-        for event in events {
-            if failed_keys.contains(event.key.as_str()) {
-                pending.push(Either::Left(future::ready(Err(Failure::Skipped(
-                    event.key.clone(),
-                )))));
-                continue;
+        // Per key (in order of first appearance), its events' indices in batch order.
+        let mut key_index: HashMap<&str, usize> = HashMap::new();
+        let mut queues: Vec<VecDeque<usize>> = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            let k = *key_index.entry(event.key.as_str()).or_insert_with(|| {
+                queues.push(VecDeque::new());
+                queues.len() - 1
+            });
+            queues[k].push_back(i);
+        }
+        let mut outcomes: Vec<Option<Result<(), Failure>>> =
+            std::iter::repeat_with(|| None).take(events.len()).collect();
+        let mut delivery_failed = false;
+        loop {
+            let heads: Vec<(usize, usize)> = queues
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(k, q)| q.pop_front().map(|i| (k, i)))
+                .collect();
+            if heads.is_empty() {
+                break;
             }
-            let wire = event.wire_headers();
-            let mut headers = OwnedHeaders::new_with_capacity(wire.len());
-            for (name, value) in &wire {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value.as_bytes()),
-                });
-            }
-            let record = FutureRecord::to(&event.topic)
-                .key(event.key.as_bytes())
-                .payload(&event.payload)
-                .headers(headers);
-            match producer.send_result(record) {
-                Ok(delivery) => pending.push(Either::Right(async move {
-                    match delivery.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((e, _))) => Err(Failure::Delivery(e)),
-                        Err(_) => Err(Failure::Dropped),
+            let sends: Vec<_> = heads
+                .iter()
+                .map(|&(_, i)| send(&producer, &events[i]))
+                .collect();
+            let reports = future::join_all(sends).await;
+            let crowded = heads.len() > 1;
+            for (&(k, i), report) in heads.iter().zip(reports) {
+                let report = match report {
+                    Err(Failure::Delivery(e)) if crowded && is_permanent(&e) => {
+                        tracing::debug!(event_id = %events[i].id, error = %e, "rejected in a shared request; sending it alone");
+                        send(&producer, &events[i]).await
                     }
-                })),
-                Err((e, _)) => {
-                    failed_keys.insert(&event.key);
-                    pending.push(Either::Left(future::ready(Err(Failure::Enqueue(e)))));
+                    other => other,
+                };
+                if let Err(failure) = &report {
+                    if matches!(failure, Failure::Delivery(e) if !is_permanent(e)) {
+                        delivery_failed = true;
+                    }
+                    // The rest of this key stays unsent (and is reported retryable).
+                    for j in queues[k].drain(..) {
+                        outcomes[j] = Some(Err(Failure::Skipped(events[j].key.clone())));
+                    }
                 }
+                outcomes[i] = Some(report);
             }
         }
-        let outcomes = future::join_all(pending).await;
         // Every delivery of this batch has reported, so nothing of ours is left in the
         // producer. After a failed delivery (timeouts during an outage, or a broker that lost
         // track of the idempotent producer's sequence numbers and now rejects every message)
         // start over with a fresh producer id rather than risk a wedged producer.
-        let delivery_failed = outcomes.iter().any(|o| {
-            matches!(o, Err(Failure::Delivery(e)) if !matches!(map_error(e), Error::PublishPermanent(_)))
-        });
         if delivery_failed || producer.client().fatal_error().is_some() {
             self.replace(producer);
         }
         outcomes
             .into_iter()
             .map(|o| {
-                o.map_err(|failure| match failure {
-                    Failure::Enqueue(e) | Failure::Delivery(e) => map_error(&e),
-                    Failure::Skipped(key) => earlier_event_failed(&key),
-                    Failure::Dropped => Error::PublishRetryable(
-                        "the Kafka producer was dropped before delivery".to_owned(),
-                    ),
-                })
+                o.unwrap_or(Err(Failure::Dropped))
+                    .map_err(|failure| match failure {
+                        Failure::Enqueue(e) | Failure::Delivery(e) => map_error(&e),
+                        Failure::Skipped(key) => earlier_event_failed(&key),
+                        Failure::Dropped => Error::PublishRetryable(
+                            "the Kafka producer was dropped before delivery".to_owned(),
+                        ),
+                    })
             })
             .collect()
     }
+}
+
+fn is_permanent(error: &KafkaError) -> bool {
+    matches!(map_error(error), Error::PublishPermanent(_))
 }
 
 fn map_error(error: &KafkaError) -> Error {

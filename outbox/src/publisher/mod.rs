@@ -20,8 +20,11 @@ use crate::{Error, OutboxRecord};
 /// - once an event of a key fails, the later events of that key **in the same batch** must
 ///   not be sent: report them as [`Error::PublishRetryable`]. (The relay re-sends them after
 ///   the failed one, so a consumer never sees a later event of a key before an earlier one.)
-/// - should start all sends, then await them together (a batch is one round of latency,
-///   not one per event).
+/// - should send events of different keys together (a batch should cost about one round
+///   of latency per event of its busiest key, not one per event). A backend that cannot
+///   stop a later send once an earlier one of the key fails at the broker (Kafka: a
+///   delivery report arrives after the later event left) must keep one event per key in
+///   flight.
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `events`; one result per event, in order.

@@ -204,7 +204,8 @@ impl Relay {
                 match self.listener().await {
                     Ok(l) => Some(l),
                     Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN failed; polling only");
+                        // Retried by the listen loop; the relay polls meanwhile.
+                        tracing::warn!(error = %e, "LISTEN failed; polling until it works");
                         None
                     }
                 }
@@ -280,17 +281,40 @@ impl Relay {
     /// Turns `NOTIFY`s into wake-ups. Runs on its own so a notification is never lost to a
     /// cancelled receive; `Notify` keeps one permit, so notifications that arrive during a
     /// batch coalesce into a single extra look at the table.
+    ///
+    /// Without a working `LISTEN` (it failed at start, or its connection broke), it tries
+    /// again every `error_backoff` on a fresh connection (the relay polls meanwhile), and
+    /// wakes the work loop once it listens again: notifications sent in between are lost.
     async fn listen_loop(&self, listener: Option<PgListener>, wake: &Notify) {
-        let Some(mut listener) = listener else {
+        if !self.config.listen {
             return std::future::pending().await;
-        };
+        }
+        let mut listener = listener;
         loop {
-            match listener.recv().await {
-                Ok(_) => wake.notify_one(),
+            let Some(current) = listener.as_mut() else {
+                tokio::time::sleep(self.config.error_backoff).await;
+                match self.listener().await {
+                    Ok(fresh) => {
+                        tracing::info!("LISTEN is back");
+                        listener = Some(fresh);
+                        wake.notify_one();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed again; polling until it works");
+                    }
+                }
+                continue;
+            };
+            match current.try_recv().await {
+                Ok(Some(_)) => wake.notify_one(),
+                // The connection was lost and sqlx re-established it (and re-LISTENed):
+                // look at the table for what was notified in between.
+                Ok(None) => wake.notify_one(),
                 Err(e) => {
+                    // Whatever state the old connection is in, start over on a fresh one.
                     tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                    listener = None;
                     wake.notify_one();
-                    tokio::time::sleep(self.config.error_backoff).await;
                 }
             }
         }
@@ -440,39 +464,41 @@ impl Relay {
             }
         }
 
-        let sql = self.outbox.sql();
-        let mut tx = self.pool.begin().await?;
-        if !published.is_empty() {
-            sqlx::query(&sql.mark_published)
-                .bind(&published)
-                .execute(&mut *tx)
-                .await?;
+        // Successes and failures are marked by separate statements, each its own transaction:
+        // a failure that cannot be recorded must not roll back the marks of the rest.
+        let unmarked_published = self.mark_published(&published).await?;
+        let failures = Failures {
+            seq: f_seq,
+            err: f_err,
+            delay_ms: f_delay,
+            park: f_park,
+        };
+        let unmarked_failed = self.mark_failed(&failures).await?;
+        if unmarked_published + unmarked_failed > 0 {
+            // Those rows stay pending and go out again (after the error backoff, not at once).
+            next_retry = Some(next_retry.map_or(self.config.error_backoff, |d| {
+                d.min(self.config.error_backoff)
+            }));
         }
-        if !f_seq.is_empty() {
-            sqlx::query(&sql.mark_failed)
-                .bind(&f_seq)
-                .bind(&f_err)
-                .bind(&f_delay)
-                .bind(&f_park)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        let (f_seq, f_park) = (failures.seq, failures.park);
+        let published_len = published.len() - unmarked_published;
 
+        // Approximate when a failure could not be recorded (counted as retried or parked
+        // anyway); the warning logged for it is the signal.
         let parked = f_park.iter().filter(|p| **p).count() as u64;
         counters
             .published
-            .fetch_add(published.len() as u64, Ordering::Relaxed);
+            .fetch_add(published_len as u64, Ordering::Relaxed);
         counters.parked.fetch_add(parked, Ordering::Relaxed);
         counters
             .retried
             .fetch_add(f_seq.len() as u64 - parked, Ordering::Relaxed);
         let span = tracing::Span::current();
-        span.record("published", published.len());
+        span.record("published", published_len);
         span.record("failed", f_seq.len());
         tracing::debug!(
             events = records.len(),
-            published = published.len(),
+            published = published_len,
             failed = f_seq.len(),
             fetch_ms,
             publish_ms = publish_time.as_millis() as u64,
@@ -483,5 +509,91 @@ impl Relay {
             fetched: records.len(),
             next_retry,
         })
+    }
+}
+
+/// The failed events of a batch, as columns for `mark_failed`.
+struct Failures {
+    seq: Vec<i64>,
+    err: Vec<String>,
+    delay_ms: Vec<f64>,
+    park: Vec<bool>,
+}
+
+impl Relay {
+    /// Marks `seqs` published in one statement. Should that fail for a reason that a retry
+    /// cannot fix (some row the statement cannot update), marks them one by one so that only
+    /// the offending rows stay pending. Returns how many could not be marked. A retryable
+    /// error (lost connection) fails the batch: every row stays pending and is re-sent.
+    async fn mark_published(&self, seqs: &[i64]) -> Result<usize, Error> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let sql = &self.outbox.sql().mark_published;
+        let error = match sqlx::query(sql).bind(seqs).execute(&self.pool).await {
+            Ok(_) => return Ok(0),
+            Err(e) => Error::from(e),
+        };
+        if error.is_retryable() {
+            return Err(error);
+        }
+        tracing::warn!(%error, rows = seqs.len(), "marking published failed; marking row by row");
+        let mut unmarked = 0;
+        for seq in seqs {
+            if let Err(e) = sqlx::query(sql).bind([*seq]).execute(&self.pool).await {
+                let error = Error::from(e);
+                if error.is_retryable() {
+                    return Err(error);
+                }
+                tracing::error!(seq, %error, "cannot mark a published event; it stays pending and will be published again");
+                unmarked += 1;
+            }
+        }
+        Ok(unmarked)
+    }
+
+    /// Records the failures in one statement, or row by row when that fails for a reason a
+    /// retry cannot fix (see [`Self::mark_published`]). A row whose failure cannot be
+    /// recorded stays pending with its attempts unchanged, and the later events of its key
+    /// stay behind it. Returns how many could not be marked.
+    async fn mark_failed(&self, failures: &Failures) -> Result<usize, Error> {
+        if failures.seq.is_empty() {
+            return Ok(0);
+        }
+        let sql = &self.outbox.sql().mark_failed;
+        let all = sqlx::query(sql)
+            .bind(&failures.seq)
+            .bind(&failures.err)
+            .bind(&failures.delay_ms)
+            .bind(&failures.park)
+            .execute(&self.pool)
+            .await;
+        let error = match all {
+            Ok(_) => return Ok(0),
+            Err(e) => Error::from(e),
+        };
+        if error.is_retryable() {
+            return Err(error);
+        }
+        tracing::warn!(%error, rows = failures.seq.len(), "marking failures failed; marking row by row");
+        let mut unmarked = 0;
+        for i in 0..failures.seq.len() {
+            let one = sqlx::query(sql)
+                .bind(&failures.seq[i..=i])
+                .bind(&failures.err[i..=i])
+                .bind(&failures.delay_ms[i..=i])
+                .bind(&failures.park[i..=i])
+                .execute(&self.pool)
+                .await;
+            if let Err(e) = one {
+                let error = Error::from(e);
+                if error.is_retryable() {
+                    return Err(error);
+                }
+                tracing::error!(seq = failures.seq[i], %error, "cannot record an event's failure; it stays pending and is tried again");
+                unmarked += 1;
+            }
+        }
+        Ok(unmarked)
     }
 }

@@ -222,3 +222,123 @@ impl<P: Publisher> Publisher for Recording<P> {
         results
     }
 }
+
+/// A TCP proxy in front of PostgreSQL that can refuse `LISTEN`: while `block_listen` is set,
+/// a connection whose client sends a `LISTEN` statement is cut (counted in `blocked`);
+/// otherwise `LISTEN`s pass (counted in `passed`). Connections must not use TLS
+/// (`sslmode=disable`), so the proxy can see the statements.
+pub struct PgProxy {
+    pub port: u16,
+    pub block_listen: Arc<std::sync::atomic::AtomicBool>,
+    pub blocked: Arc<std::sync::atomic::AtomicU64>,
+    pub passed: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PgProxy {
+    /// Starts a proxy to the server of `url`.
+    pub async fn start(url: &str) -> PgProxy {
+        use std::str::FromStr as _;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let target = sqlx::postgres::PgConnectOptions::from_str(url).expect("database url");
+        let upstream = format!("{}:{}", target.get_host(), target.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let block_listen = Arc::new(AtomicBool::new(false));
+        let blocked = Arc::new(AtomicU64::new(0));
+        let passed = Arc::new(AtomicU64::new(0));
+        let (block, b, p) = (block_listen.clone(), blocked.clone(), passed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (block, blocked, passed) = (block.clone(), b.clone(), p.clone());
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let down = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        if chunk.windows(7).any(|w| w == b"LISTEN ") {
+                            if block.load(Ordering::SeqCst) {
+                                blocked.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                            passed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if server_write.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Cut both directions.
+                    down.abort();
+                });
+            }
+        });
+        PgProxy {
+            port,
+            block_listen,
+            blocked,
+            passed,
+            task,
+        }
+    }
+
+    /// A pool of `max` connections to `url`'s database through this proxy.
+    pub async fn pool(&self, url: &str, max: u32) -> sqlx::PgPool {
+        use std::str::FromStr as _;
+        let options = sqlx::postgres::PgConnectOptions::from_str(url)
+            .expect("database url")
+            .host("127.0.0.1")
+            .port(self.port)
+            .ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .expect("pool through the proxy")
+    }
+}
+
+/// Creates a topic whose broker-side `max.message.bytes` is `max_bytes`.
+pub async fn create_small_topic(brokers: &str, partitions: i32, max_bytes: usize) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    eventful_test_support::kafka::require_broker(brokers).await;
+    let name = format!("test-small-{}", Uuid::new_v4().simple());
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let max_bytes = max_bytes.to_string();
+    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1))
+        .set("max.message.bytes", &max_bytes);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics([&topic], &options).await.unwrap() {
+        result.unwrap();
+    }
+    // Waits for the partitions' metadata (an existing topic is fine).
+    eventful_test_support::kafka::create_topic_on(brokers, &name, partitions).await;
+    name
+}
