@@ -7,6 +7,7 @@ use axum::middleware::map_response;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use eventful_idempotency::http::ReleaseKey;
 use serde_json::json;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -61,9 +62,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
+        if self.status.is_server_error() {
+            // A handler answers 5xx only when it changed nothing (`POST /orders` rolls back
+            // and releases its holds), so a retry with the same Idempotency-Key may run it.
+            return (self.status, ReleaseKey, Json(body)).into_response();
+        }
         (self.status, Json(body)).into_response()
     }
 }
+
+/// How long a request may run before the service answers `504` and drops it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request body a service reads.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -76,7 +85,7 @@ pub fn with_common_layers(routes: Router) -> Router {
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
-            Duration::from_secs(30),
+            REQUEST_TIMEOUT,
         ))
         .layer(map_response(json_errors))
         .layer(TraceLayer::new_for_http())

@@ -12,18 +12,25 @@ use eventful_idempotency::IdempotencyLayer;
 use eventful_reservation::Error as ReservationError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use super::flow::OrderIds;
 use super::request::{is_valid_sku, parse_orders};
 use super::{store, OrderService};
-use crate::http::ApiError;
+use crate::http::{ApiError, REQUEST_TIMEOUT};
 
 /// `POST /orders`, `GET /orders/{id}`, `PUT|GET /stock/{sku}`.
 pub fn routes(service: OrderService) -> Router {
     // A client that retries `POST /orders` with the same `Idempotency-Key` gets the first
-    // answer back instead of a second set of orders.
-    let idempotency = IdempotencyLayer::new(service.base.pool.clone());
+    // answer back instead of a second set of orders. A try that died mid-flight (the
+    // process was killed) may run again: its ids and holds derive from the key and the
+    // request, so a second run finds what the first placed. A live request ends within
+    // REQUEST_TIMEOUT, so a key in flight for longer belongs to a dead one.
+    let idempotency = IdempotencyLayer::new(service.base.pool.clone())
+        .rerun_abandoned(true)
+        .in_flight_timeout(REQUEST_TIMEOUT + Duration::from_secs(5));
     Router::new()
         .route("/orders", post(create_orders).route_layer(idempotency))
         .route("/orders/{id}", get(get_order))
@@ -142,7 +149,9 @@ async fn set_stock(
         .set_stock(&sku, available)
         .await
         .map_err(|error| match error {
-            ReservationError::InvalidQuantity { .. } | ReservationError::InvalidId(_) => {
+            ReservationError::InvalidQuantity { .. }
+            | ReservationError::InvalidId(_)
+            | ReservationError::StockLimit { .. } => {
                 ApiError::unprocessable("invalid_stock", error.to_string())
             }
             other => ApiError::internal(other),
