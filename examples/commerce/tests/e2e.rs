@@ -450,6 +450,9 @@ async fn serial_bad_input_gets_a_json_4xx_and_writes_nothing() {
         .http
         .post(system.url("order", "/orders"))
         .header("content-type", "application/json")
+        // The server answers before reading the whole body and then closes the
+        // connection: it must not go back to the pool for the next request.
+        .header("connection", "close")
         .body(vec![b' '; commerce::http::MAX_BODY_BYTES + 1])
         .send()
         .await
