@@ -19,7 +19,7 @@
 //!
 //! - [`headers`]: the Kafka header names and content-type values of an Eventful message.
 //! - [`sqlstate`]: which PostgreSQL errors are retryable (an explicit SQLSTATE allow-list;
-//!   with the `sqlx` feature, [`sqlstate::is_retryable`] classifies a whole `sqlx::Error`).
+//!   with the `sqlx` feature, `sqlstate::is_retryable` classifies a whole `sqlx::Error`).
 //! - [`backoff`]: [`Backoff`], the exponential backoff with equal jitter used by the relay,
 //!   the consumer runtime, the reservation store and the saga coordinator.
 #![deny(missing_docs)]
