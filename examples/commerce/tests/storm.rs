@@ -80,7 +80,11 @@ async fn serial_restart_storm_under_load_settles_within_a_minute() {
                 let mut n = 0usize;
                 while !stop.load(Ordering::Relaxed) && n < 10_000 {
                     // Every fifth order is above the payment limit and gets declined.
-                    let amount = if (client + n) % 5 == 0 { 5_000 } else { 200 };
+                    let amount = if (client + n).is_multiple_of(5) {
+                        5_000
+                    } else {
+                        200
+                    };
                     placed.extend(place(&http, &url, amount).await);
                     n += 1;
                     tokio::time::sleep(CLIENT_PAUSE).await;
