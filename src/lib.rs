@@ -13,11 +13,17 @@
 //! `kafka` turns on the Kafka backends of every crate that is enabled, `redis` the Redis
 //! reservation store, `axum` the HTTP `Idempotency-Key` layer, `full` everything.
 //!
+//! What the crates agree on is always there, as [`eventful::core`](core) (`eventful-core`):
+//! the Kafka header names, which PostgreSQL errors are retryable, and the retry backoff.
+//!
 //! ```toml
 //! eventful = { version = "0.1", features = ["outbox", "kafka"] }
 //! ```
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[doc(inline)]
+pub use eventful_core as core;
 
 #[cfg(feature = "idempotency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]

@@ -34,40 +34,19 @@ pub enum Error {
 impl Error {
     /// `true` when retrying the same operation later may succeed.
     ///
-    /// Database errors are retryable unless PostgreSQL reported a data or integrity problem
-    /// (SQLSTATE classes `22` and `23`, except serialization failures and deadlocks which are
-    /// retryable); Kafka errors are retryable; configuration and serialization errors are not.
+    /// Database errors are classified by [`eventful_core::sqlstate::is_retryable`]
+    /// (connection, pool and I/O failures and an allow-list of SQLSTATEs such as
+    /// serialization failures and deadlocks are retryable; data, integrity, SQL and other
+    /// errors are not); Kafka errors are retryable; configuration and serialization errors
+    /// are not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(e) | Error::Migration(e) => sqlx_is_retryable(e),
+            Error::Database(e) | Error::Migration(e) => eventful_core::sqlstate::is_retryable(e),
             #[cfg(feature = "kafka")]
             Error::Kafka(_) => true,
             #[cfg(feature = "kafka")]
             Error::WorkerPanicked(_) => false,
             Error::Serialization(_) | Error::Config(_) => false,
         }
-    }
-}
-
-/// Classifies a sqlx error: `false` for data and integrity errors (SQLSTATE classes 22, 23,
-/// 42) and decode errors, which fail the same way again; `true` otherwise (connection loss,
-/// serialization failures, deadlocks). Shared by the crates built on this one.
-pub fn sqlx_is_retryable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => {
-            let code = db.code();
-            let code = code.as_deref().unwrap_or("");
-            // 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available,
-            // 57P01 admin_shutdown, 08xxx connection exceptions: retryable.
-            !(code.starts_with("22") || code.starts_with("23") || code.starts_with("42"))
-        }
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::Configuration(_)
-        | sqlx::Error::RowNotFound => false,
-        _ => true,
     }
 }

@@ -1,17 +1,7 @@
 //! The envelope of a consumed event: the wire contract written by `eventful-outbox`.
 
+use eventful_core::headers::{CONTENT_TYPE, CONTENT_TYPE_BYTES, EVENT_ID, EVENT_TYPE};
 use uuid::Uuid;
-
-/// Header carrying the event id (a hyphenated UUID).
-pub const EVENT_ID_HEADER: &str = "event-id";
-/// Header carrying the event type (the handler registration key).
-pub const EVENT_TYPE_HEADER: &str = "event-type";
-/// Header carrying the payload's media type.
-pub const CONTENT_TYPE_HEADER: &str = "content-type";
-/// Media type of JSON payloads.
-pub const JSON: &str = "application/json";
-/// Media type of raw byte payloads.
-pub const OCTET_STREAM: &str = "application/octet-stream";
 
 /// What a handler learns about the event it handles, besides the typed payload.
 ///
@@ -73,15 +63,15 @@ impl EventMeta {
                 .find(|(key, _)| key == name)
                 .map(|(_, value)| value.clone())
         };
-        let raw_id = find(EVENT_ID_HEADER).ok_or(EnvelopeError::MissingHeader(EVENT_ID_HEADER))?;
+        let raw_id = find(EVENT_ID).ok_or(EnvelopeError::MissingHeader(EVENT_ID))?;
         let id = Uuid::parse_str(raw_id.trim()).map_err(|e| EnvelopeError::InvalidEventId {
             value: raw_id.clone(),
             reason: e.to_string(),
         })?;
-        let event_type = find(EVENT_TYPE_HEADER)
+        let event_type = find(EVENT_TYPE)
             .filter(|t| !t.is_empty())
-            .ok_or(EnvelopeError::MissingHeader(EVENT_TYPE_HEADER))?;
-        let content_type = find(CONTENT_TYPE_HEADER);
+            .ok_or(EnvelopeError::MissingHeader(EVENT_TYPE))?;
+        let content_type = find(CONTENT_TYPE);
         Ok(EventMeta {
             id,
             event_type,
@@ -103,7 +93,7 @@ impl EventMeta {
     /// `serde::de::IgnoredAny` or a bytes-accepting type works and the handler reads
     /// [`EventMeta::payload`]); every other content type (or none) is parsed as JSON.
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        if self.content_type.as_deref() == Some(OCTET_STREAM) {
+        if self.content_type.as_deref() == Some(CONTENT_TYPE_BYTES) {
             let deserializer =
                 serde::de::value::BytesDeserializer::<serde::de::value::Error>::new(&self.payload);
             T::deserialize(deserializer).map_err(|e| DecodeError(e.to_string()))
@@ -157,7 +147,7 @@ mod tests {
             headers(&[
                 ("event-id", &id.to_string()),
                 ("event-type", "OrderPlaced"),
-                ("content-type", JSON),
+                ("content-type", eventful_core::headers::CONTENT_TYPE_JSON),
                 ("traceparent", "00-x-y-01"),
             ]),
             Some(br#"{"n":1}"#),
@@ -182,7 +172,7 @@ mod tests {
         };
         assert_eq!(
             parse(&[("event-type", "X")]),
-            EnvelopeError::MissingHeader(EVENT_ID_HEADER)
+            EnvelopeError::MissingHeader(EVENT_ID)
         );
         assert!(matches!(
             parse(&[("event-id", "nope"), ("event-type", "X")]),
@@ -193,7 +183,7 @@ mod tests {
                 ("event-id", &Uuid::now_v7().to_string()),
                 ("event-type", "")
             ]),
-            EnvelopeError::MissingHeader(EVENT_TYPE_HEADER)
+            EnvelopeError::MissingHeader(EVENT_TYPE)
         );
     }
 
@@ -212,7 +202,7 @@ mod tests {
         )
         .unwrap();
         assert!(meta.decode::<serde_json::Value>().is_err());
-        meta.content_type = Some(OCTET_STREAM.to_owned());
+        meta.content_type = Some(CONTENT_TYPE_BYTES.to_owned());
         assert!(meta.decode::<serde::de::IgnoredAny>().is_ok());
         assert_eq!(meta.payload, b"not json");
     }

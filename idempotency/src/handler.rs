@@ -106,11 +106,11 @@ impl HandlerError {
 }
 
 impl From<sqlx::Error> for HandlerError {
-    /// Data and integrity errors (SQLSTATE classes 22, 23, 42) and decode errors are
-    /// permanent; everything else (connection loss, serialization failure, deadlock) is
-    /// transient.
+    /// Transient when [`eventful_core::sqlstate::is_retryable`] says so (connection loss,
+    /// serialization failure, deadlock, …), permanent otherwise (constraint violations, bad
+    /// data or SQL, decode errors).
     fn from(error: sqlx::Error) -> Self {
-        if crate::error::sqlx_is_retryable(&error) {
+        if eventful_core::sqlstate::is_retryable(&error) {
             HandlerError::Transient(Box::new(error))
         } else {
             HandlerError::Permanent(Box::new(error))

@@ -101,11 +101,10 @@ mod handler;
 mod migrate;
 pub mod store;
 
-pub use error::{sqlx_is_retryable, Error};
-pub use event::{
-    DecodeError, EnvelopeError, EventMeta, CONTENT_TYPE_HEADER, EVENT_ID_HEADER, EVENT_TYPE_HEADER,
-    JSON, OCTET_STREAM,
-};
+pub use error::Error;
+pub use event::{DecodeError, EnvelopeError, EventMeta};
+/// The Kafka header names and content types of a consumed event (from `eventful-core`).
+pub use eventful_core::headers;
 pub use guard::{Processed, ProcessedEvents};
 pub use handler::{BoxError, EventHandler, HandlerError};
 pub use migrate::{apply_idempotent_schema, migrate};

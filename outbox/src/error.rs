@@ -8,10 +8,11 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A PostgreSQL query failed. Retryable when the connection was lost or refused, on a
-    /// serialization failure or deadlock, exhausted resources (SQLSTATE class 53, including
-    /// `too_many_connections`), a server shutdown or restart, or a lock / statement timeout;
-    /// permanent otherwise (constraint violations, bad statements, program limits).
+    /// A PostgreSQL query failed. Retryable or not by
+    /// [`eventful_core::sqlstate::is_retryable`]: connection, pool and I/O failures and an
+    /// allow-list of SQLSTATEs (serialization failure, deadlock, exhausted resources,
+    /// shutdowns, lock and statement timeouts) are retryable; constraint violations, bad
+    /// statements and program limits are not.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// The payload could not be serialized to JSON. Permanent.
@@ -44,99 +45,12 @@ impl Error {
     /// `true` when trying the same operation again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(e) => match e {
-                sqlx::Error::Database(db) => {
-                    sqlstate_is_retryable(db.code().as_deref().unwrap_or(""))
-                }
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-                | sqlx::Error::Protocol(_) => true,
-                _ => false,
-            },
+            Error::Database(e) => eventful_core::sqlstate::is_retryable(e),
             Error::PublishRetryable(_) => true,
             Error::Serialize(_)
             | Error::Config(_)
             | Error::KeyTooLong { .. }
             | Error::PublishPermanent(_) => false,
         }
-    }
-}
-
-/// Whether a PostgreSQL error with SQLSTATE `code` may succeed when tried again: lost or
-/// refused connections, serialization failures and deadlocks, exhausted resources (disk,
-/// memory, connection slots), shutdowns and restarts, lock and statement timeouts. Everything
-/// else (constraint violations, bad data, bad SQL, program limits such as an oversized index
-/// row) fails the same way again.
-pub(crate) fn sqlstate_is_retryable(code: &str) -> bool {
-    code.starts_with("08") // connection_exception
-        || code.starts_with("53") // insufficient_resources, incl. 53300 too_many_connections
-        || matches!(
-            code,
-            "40001" // serialization_failure
-                | "40P01" // deadlock_detected
-                | "55P03" // lock_not_available (lock_timeout)
-                | "57014" // query_canceled (statement_timeout)
-                | "57P01" // admin_shutdown
-                | "57P02" // crash_shutdown
-                | "57P03" // cannot_connect_now (starting up, recovery)
-                | "57P05" // idle_session_timeout
-        )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sqlstate_is_retryable;
-
-    #[test]
-    fn sqlstate_classification() {
-        let table = [
-            // Connection exceptions (class 08).
-            ("08000", true),
-            ("08003", true),
-            ("08006", true),
-            ("08001", true),
-            ("08004", true),
-            // Transaction rollbacks that a retry resolves.
-            ("40001", true),
-            ("40P01", true),
-            // Insufficient resources (class 53), too_many_connections included.
-            ("53000", true),
-            ("53100", true),
-            ("53200", true),
-            ("53300", true),
-            ("53400", true),
-            // Operator intervention: shutdowns and "cannot connect now".
-            ("57P01", true),
-            ("57P02", true),
-            ("57P03", true),
-            ("57P05", true),
-            // Lock and statement timeouts.
-            ("55P03", true),
-            ("57014", true),
-            // Fail the same way again.
-            ("23505", false),
-            ("23503", false),
-            ("22001", false),
-            ("22P02", false),
-            ("42P01", false),
-            ("42601", false),
-            ("54000", false),
-            ("57P04", false),
-            ("40002", false),
-            ("55000", false),
-            ("P0001", false),
-            ("XX000", false),
-            ("", false),
-        ];
-        let wrong: Vec<_> = table
-            .iter()
-            .filter(|(code, retryable)| sqlstate_is_retryable(code) != *retryable)
-            .collect();
-        assert!(
-            wrong.is_empty(),
-            "misclassified SQLSTATEs (code, expected): {wrong:?}"
-        );
     }
 }

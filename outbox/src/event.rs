@@ -1,17 +1,12 @@
 //! Events: [`NewEvent`] (what a service records) and [`OutboxRecord`] (what a publisher sends).
 
 use chrono::{DateTime, Utc};
+use eventful_core::headers::{
+    self, CONTENT_TYPE, CONTENT_TYPE_BYTES, CONTENT_TYPE_JSON, EVENT_ID, EVENT_TYPE, TRACEPARENT,
+};
 use uuid::Uuid;
 
 use crate::Error;
-
-/// `content-type` of events built with [`NewEvent::json`].
-pub const CONTENT_TYPE_JSON: &str = "application/json";
-/// `content-type` of events built with [`NewEvent::bytes`].
-pub const CONTENT_TYPE_BYTES: &str = "application/octet-stream";
-
-/// Name of the W3C trace-context header carried as an event header.
-pub const TRACEPARENT: &str = "traceparent";
 
 /// An event to record with [`Outbox::record`](crate::Outbox::record).
 ///
@@ -171,20 +166,16 @@ impl OutboxRecord {
     /// `content-type`, then the user's headers (reserved names skipped).
     pub fn wire_headers(&self) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(3 + self.headers.len());
-        out.push(("event-id".to_owned(), self.id.hyphenated().to_string()));
-        out.push(("event-type".to_owned(), self.event_type.clone()));
-        out.push(("content-type".to_owned(), self.content_type.clone()));
+        out.push((EVENT_ID.to_owned(), self.id.hyphenated().to_string()));
+        out.push((EVENT_TYPE.to_owned(), self.event_type.clone()));
+        out.push((CONTENT_TYPE.to_owned(), self.content_type.clone()));
         for (name, value) in &self.headers {
-            if !is_reserved(name) {
+            if !headers::is_reserved(name) {
                 out.push((name.clone(), value.clone()));
             }
         }
         out
     }
-}
-
-pub(crate) fn is_reserved(name: &str) -> bool {
-    matches!(name, "event-id" | "event-type" | "content-type")
 }
 
 #[cfg(test)]

@@ -152,7 +152,9 @@ mod retention;
 mod sql;
 
 pub use error::Error;
-pub use event::{NewEvent, OutboxRecord, CONTENT_TYPE_BYTES, CONTENT_TYPE_JSON, TRACEPARENT};
+pub use event::{NewEvent, OutboxRecord};
+/// The Kafka header names and content types of a published event (from `eventful-core`).
+pub use eventful_core::headers;
 pub use metrics::{RelayMetrics, RelayMetricsHandle};
 pub use outbox::{EventStatus, Outbox, OutboxBuilder, OutboxStats, ParkedEvent, TraceparentSource};
 #[cfg(feature = "kafka")]

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use eventful_core::headers::TRACEPARENT;
 use sqlx::{PgConnection, PgPool, Row as _};
 use uuid::Uuid;
 
-use crate::event::{NewEvent, TRACEPARENT};
+use crate::event::NewEvent;
 use crate::sql::{fnv1a64, Sql, PARTITIONS};
 use crate::{Error, MAX_KEY_LEN};
 

@@ -8,6 +8,7 @@
 //! in the service.
 
 use async_trait::async_trait;
+use eventful_core::headers::{CAUSATION_ID, TRACEPARENT};
 use eventful_idempotency::{EventHandler, EventMeta, HandlerError};
 use eventful_outbox::{NewEvent, Outbox};
 use serde::de::DeserializeOwned;
@@ -15,11 +16,6 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::reply::{CommandContext, SagaReply};
-
-/// Header set on every event a participant emits: the id of the event that caused it.
-pub const CAUSATION_ID_HEADER: &str = "causation-id";
-/// W3C trace context header, copied from the handled event onto emitted events.
-pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 /// A service's reaction to one event type, run inside the consumer's transaction.
 ///
@@ -105,9 +101,9 @@ impl<'a> Emitter<'a> {
     /// Records `event` in the outbox in this transaction, with a `causation-id` header (the
     /// handled event's id) and the handled event's `traceparent`, if any. Returns its id.
     pub async fn emit(&mut self, event: NewEvent) -> Result<Uuid, HandlerError> {
-        let mut event = event.header(CAUSATION_ID_HEADER, self.meta.id.to_string());
-        if let Some(tp) = self.meta.header(TRACEPARENT_HEADER) {
-            event = event.header(TRACEPARENT_HEADER, tp);
+        let mut event = event.header(CAUSATION_ID, self.meta.id.to_string());
+        if let Some(tp) = self.meta.header(TRACEPARENT) {
+            event = event.header(TRACEPARENT, tp);
         }
         let id = self
             .outbox

@@ -118,7 +118,8 @@ impl CoordinatorBuilder {
     }
 
     /// Base delay before a refused compensation is re-sent; doubled per attempt and capped
-    /// by the step's compensation timeout. Default 1 s.
+    /// by the step's compensation timeout, with equal jitter ([`eventful_core::Backoff`]).
+    /// Default 1 s.
     pub fn compensation_retry_backoff(mut self, backoff: Duration) -> Self {
         self.retry_backoff = backoff;
         self

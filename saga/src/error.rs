@@ -1,6 +1,6 @@
 //! The crate's error type.
 
-use eventful_idempotency::sqlx_is_retryable;
+use eventful_core::sqlstate;
 use uuid::Uuid;
 
 /// Everything that can go wrong in `eventful-saga`.
@@ -68,7 +68,7 @@ impl Error {
     /// `true` when retrying the same operation (in a new transaction) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(e) | Error::Migration(e) => sqlx_is_retryable(e),
+            Error::Database(e) | Error::Migration(e) => sqlstate::is_retryable(e),
             Error::Outbox(e) => e.is_retryable(),
             Error::Idempotency(e) => e.is_retryable(),
             Error::Conflict { .. } => true,

@@ -99,9 +99,7 @@ mod reply_handler;
 mod store;
 mod timeout;
 
-pub use choreography::{
-    participant, Emitter, Participant, ParticipantHandler, CAUSATION_ID_HEADER, TRACEPARENT_HEADER,
-};
+pub use choreography::{participant, Emitter, Participant, ParticipantHandler};
 pub use coordinator::{
     Coordinator, CoordinatorBuilder, ReplyOutcome, DEFAULT_GUARD_NAME, DEFAULT_REPLY_TOPIC,
 };

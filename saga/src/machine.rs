@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use eventful_core::Backoff;
+
 use crate::model::{Outcome, SagaStatus, StepKind, Transition};
 
 /// What the machine needs to know about one step of a definition.
@@ -87,7 +89,9 @@ pub(crate) fn start(plan: &[StepPlan]) -> Change {
 }
 
 /// Applies the rules. `retry_backoff` is the base delay before a refused compensation is
-/// re-sent (doubled per attempt, capped by the step's compensation timeout).
+/// re-sent (doubled per attempt, capped by the step's compensation timeout, with the equal
+/// jitter of [`Backoff`]: sagas refused together by one failing participant do not all
+/// re-send at the same instant).
 pub(crate) fn decide(
     plan: &[StepPlan],
     state: State,
@@ -158,11 +162,8 @@ pub(crate) fn decide(
                 Transition::CompensationSucceeded,
             )),
             Outcome::Failure => {
-                let attempts = state.attempts.max(1);
-                let factor = 1u32 << (attempts - 1).clamp(0, 16) as u32;
-                let delay = retry_backoff
-                    .saturating_mul(factor)
-                    .min(plan[i].compensation_timeout);
+                let delay = Backoff::new(retry_backoff, plan[i].compensation_timeout)
+                    .delay(u32::try_from(state.attempts).unwrap_or(0));
                 Decision::Apply(Change {
                     transition: Transition::CompensationFailed,
                     to: state,
@@ -416,7 +417,12 @@ mod tests {
         ));
         assert_eq!(c.transition, Transition::CompensationFailed);
         assert_eq!(c.send, None);
-        assert_eq!(c.deadline, Some(Duration::from_millis(400)));
+        // Third refusal: ceiling 100 ms · 2², jittered into [200 ms, 400 ms].
+        let deadline = c.deadline.expect("a re-send deadline");
+        assert!(
+            deadline >= Duration::from_millis(200) && deadline <= Duration::from_millis(400),
+            "{deadline:?}"
+        );
         let c = apply(decide(&p, c.to, Input::Deadline, B));
         assert_eq!(c.transition, Transition::CompensationResent);
         assert_eq!(c.send, Some((0, StepKind::Compensation)));

@@ -5,9 +5,10 @@
 
 mod support;
 
+use eventful_core::headers::CAUSATION_ID;
 use eventful_idempotency::{EventHandler, EventMeta, HandlerError};
 use eventful_outbox::{NewEvent, Outbox};
-use eventful_saga::{participant, Emitter, Participant, CAUSATION_ID_HEADER};
+use eventful_saga::{participant, Emitter, Participant};
 use eventful_test_support::TestDatabase;
 use uuid::Uuid;
 
@@ -112,7 +113,7 @@ async fn a_participants_state_and_emitted_events_commit_or_roll_back_together() 
     assert_eq!(emitted[0].0, ok.key);
     // The emitted event names its cause and continues the trace.
     let headers: Vec<(String, String)> = serde_json::from_value(emitted[0].1.clone()).unwrap();
-    assert!(headers.contains(&(CAUSATION_ID_HEADER.to_owned(), ok.id.to_string())));
+    assert!(headers.contains(&(CAUSATION_ID.to_owned(), ok.id.to_string())));
     assert!(headers.contains(&(
         "traceparent".to_owned(),
         ok.header("traceparent").unwrap().to_owned()

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use eventful_core::headers;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -104,11 +105,11 @@ impl Destination {
                 let partition = message.partition.to_string();
                 let offset = message.offset.to_string();
                 for (key, value) in [
-                    ("dead-letter-error", error),
-                    ("dead-letter-consumer", consumer),
-                    ("dead-letter-topic", message.topic.as_str()),
-                    ("dead-letter-partition", partition.as_str()),
-                    ("dead-letter-offset", offset.as_str()),
+                    (headers::DEAD_LETTER_ERROR, error),
+                    (headers::DEAD_LETTER_CONSUMER, consumer),
+                    (headers::DEAD_LETTER_TOPIC, message.topic.as_str()),
+                    (headers::DEAD_LETTER_PARTITION, partition.as_str()),
+                    (headers::DEAD_LETTER_OFFSET, offset.as_str()),
                 ] {
                     headers = headers.insert(Header {
                         key,

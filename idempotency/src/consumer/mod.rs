@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use eventful_core::Backoff;
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinHandle;
@@ -127,8 +128,7 @@ pub(crate) struct Settings {
     pub(crate) handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     pub(crate) unknown: UnknownEventType,
     pub(crate) dead_letter: dead_letter::Destination,
-    pub(crate) backoff_initial: Duration,
-    pub(crate) backoff_max: Duration,
+    pub(crate) backoff: Backoff,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) max_panic_attempts: u32,
     pub(crate) on_delivery: Option<DeliveryHook>,
@@ -162,8 +162,7 @@ impl InboxConsumer {
             handlers: HashMap::new(),
             unknown: UnknownEventType::default(),
             dead_letter: DeadLetter::Table,
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
+            backoff: Backoff::default(),
             max_attempts: None,
             max_panic_attempts: 3,
             partition_buffer: 1024,
@@ -208,8 +207,7 @@ pub struct InboxConsumerBuilder {
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     unknown: UnknownEventType,
     dead_letter: DeadLetter,
-    backoff_initial: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
     max_attempts: Option<u32>,
     max_panic_attempts: u32,
     partition_buffer: usize,
@@ -253,10 +251,9 @@ impl InboxConsumerBuilder {
     }
 
     /// Backoff between transient failures: starts at `initial`, doubles up to `max`, with
-    /// jitter (default 100 ms → 30 s).
+    /// equal jitter ([`eventful_core::Backoff`]; default 100 ms → 30 s).
     pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff_initial = initial;
-        self.backoff_max = max.max(initial);
+        self.backoff = Backoff::new(initial, max.max(initial));
         self
     }
 
@@ -324,8 +321,7 @@ impl InboxConsumerBuilder {
                 handlers: self.handlers,
                 unknown: self.unknown,
                 dead_letter,
-                backoff_initial: self.backoff_initial,
-                backoff_max: self.backoff_max,
+                backoff: self.backoff,
                 max_attempts: self.max_attempts,
                 max_panic_attempts: self.max_panic_attempts,
                 on_delivery: self.on_delivery,

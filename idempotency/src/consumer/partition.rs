@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt as _;
-use rand::Rng as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -95,7 +94,6 @@ async fn process(
 ) -> Option<Delivery> {
     let mut attempts = 0u32;
     let mut panics = 0u32;
-    let mut backoff = settings.backoff_initial;
     loop {
         attempts += 1;
         let (meta, outcome) = match attempt(settings, message).await {
@@ -110,9 +108,9 @@ async fn process(
                     let error = dead_letter(settings, message, meta.as_ref(), error, stop).await?;
                     (meta, Outcome::DeadLettered { error })
                 } else {
-                    tracing::warn!(attempts, error = %error, ?backoff, "transient failure, retrying");
-                    sleep_or_stop(jitter(backoff), stop).await?;
-                    backoff = (backoff * 2).min(settings.backoff_max);
+                    let delay = settings.backoff.delay(attempts);
+                    tracing::warn!(attempts, error = %error, ?delay, "transient failure, retrying");
+                    sleep_or_stop(delay, stop).await?;
                     continue;
                 }
             }
@@ -126,9 +124,9 @@ async fn process(
                     let error = dead_letter(settings, message, meta.as_ref(), error, stop).await?;
                     (meta, Outcome::DeadLettered { error })
                 } else {
-                    tracing::error!(attempts, error = %error, ?backoff, "handler panicked, retrying");
-                    sleep_or_stop(jitter(backoff), stop).await?;
-                    backoff = (backoff * 2).min(settings.backoff_max);
+                    let delay = settings.backoff.delay(attempts);
+                    tracing::error!(attempts, error = %error, ?delay, "handler panicked, retrying");
+                    sleep_or_stop(delay, stop).await?;
                     continue;
                 }
             }
@@ -223,7 +221,7 @@ async fn dead_letter(
     stop: &CancellationToken,
 ) -> Option<String> {
     tracing::warn!(error = %error, "dead-lettering message");
-    let mut backoff = settings.backoff_initial;
+    let mut failures = 0u32;
     loop {
         match settings
             .dead_letter
@@ -238,9 +236,9 @@ async fn dead_letter(
         {
             Ok(()) => return Some(error),
             Err(e) => {
+                failures = failures.saturating_add(1);
                 tracing::error!(error = %e, "writing the dead letter failed, retrying");
-                sleep_or_stop(jitter(backoff), stop).await?;
-                backoff = (backoff * 2).min(settings.backoff_max);
+                sleep_or_stop(settings.backoff.delay(failures), stop).await?;
             }
         }
     }
@@ -262,10 +260,4 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     } else {
         "panic with a non-string payload".to_owned()
     }
-}
-
-/// `delay` ± 20 %.
-fn jitter(delay: Duration) -> Duration {
-    let factor = rand::rng().random_range(0.8..1.2);
-    delay.mul_f64(factor)
 }

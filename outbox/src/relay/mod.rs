@@ -1,6 +1,5 @@
 //! [`Relay`]: the background task that publishes recorded events and marks them published.
 
-mod backoff;
 mod lease;
 
 use std::collections::HashSet;
@@ -15,6 +14,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
+
+use eventful_core::Backoff;
 
 use crate::metrics::RelayMetricsHandle;
 use crate::{Error, Outbox, OutboxRecord, Publisher};
@@ -34,8 +35,7 @@ struct Config {
     poll_interval: Duration,
     lease_ttl: Duration,
     max_attempts: u32,
-    backoff_base: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
     error_backoff: Duration,
     listen: bool,
 }
@@ -47,8 +47,7 @@ impl Default for Config {
             poll_interval: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(10),
             max_attempts: 20,
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
+            backoff: Backoff::default(),
             error_backoff: Duration::from_secs(1),
             listen: true,
         }
@@ -93,10 +92,10 @@ impl RelayBuilder {
         self
     }
 
-    /// Retry delays: `base · 2^(n-1)` capped at `max`, with jitter (defaults 100 ms, 30 s).
+    /// Retry delays of a failing event: `base · 2^(n-1)` capped at `max`, with equal jitter
+    /// ([`eventful_core::Backoff`]; defaults 100 ms, 30 s).
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.config.backoff_base = base;
-        self.config.backoff_max = max;
+        self.config.backoff = Backoff::new(base, max);
         self
     }
 
@@ -119,7 +118,7 @@ impl RelayBuilder {
         if c.max_attempts == 0 {
             return Err(Error::Config("max_attempts must be at least 1".into()));
         }
-        if c.poll_interval.is_zero() || c.backoff_base.is_zero() || c.backoff_max < c.backoff_base {
+        if c.poll_interval.is_zero() || c.backoff.base.is_zero() || c.backoff.max < c.backoff.base {
             return Err(Error::Config(
                 "poll_interval and backoff base must be > 0 and backoff max >= base".into(),
             ));
@@ -448,8 +447,7 @@ impl Relay {
                     failed_keys.insert(&record.key);
                     let attempts = u32::try_from(record.attempts).unwrap_or(0) + 1;
                     let park = !error.is_retryable() || attempts >= self.config.max_attempts;
-                    let delay =
-                        backoff::delay(self.config.backoff_base, self.config.backoff_max, attempts);
+                    let delay = self.config.backoff.delay(attempts);
                     if park {
                         tracing::warn!(event_id = %record.id, key = %record.key, attempts, %error, "parking event");
                     } else {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use eventful_core::Backoff;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use redis::{IntoConnectionInfo, ScriptInvocation, Value};
@@ -55,8 +56,7 @@ struct Inner {
     expiries_key: String,
     retention_ms: u64,
     max_attempts: u32,
-    retry_min_delay: Duration,
-    retry_max_delay: Duration,
+    retry_backoff: Backoff,
 }
 
 impl std::fmt::Debug for RedisReservations {
@@ -79,8 +79,7 @@ pub struct RedisReservationsBuilder {
     connection_timeout: Duration,
     connections: usize,
     max_attempts: u32,
-    retry_min_delay: Duration,
-    retry_max_delay: Duration,
+    retry_backoff: Backoff,
 }
 
 enum Target {
@@ -152,15 +151,13 @@ impl RedisReservations {
 
     /// Runs a read-only command, retrying retryable failures like [`invoke`](Self::invoke).
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
-        let mut delay = self.inner.retry_min_delay;
         let mut attempt = 1;
         loop {
             let mut conn = self.connection();
             match cmd.query_async(&mut conn).await {
                 Ok(value) => return Ok(value),
                 Err(e) if attempt < self.inner.max_attempts && is_retryable_redis(&e) => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.inner.retry_max_delay);
+                    tokio::time::sleep(self.inner.retry_backoff.delay(attempt)).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -244,7 +241,6 @@ impl RedisReservations {
         invocation: &ScriptInvocation<'_>,
         max_attempts: u32,
     ) -> Result<Value, Error> {
-        let mut delay = self.inner.retry_min_delay;
         let mut attempt = 1;
         loop {
             let mut conn = self.connection();
@@ -252,8 +248,7 @@ impl RedisReservations {
                 Ok(value) => return Ok(value),
                 Err(e) if attempt < max_attempts && is_retryable_redis(&e) => {
                     tracing::warn!(op, attempt, error = %e, "redis call failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.inner.retry_max_delay);
+                    tokio::time::sleep(self.inner.retry_backoff.delay(attempt)).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -273,8 +268,7 @@ impl RedisReservationsBuilder {
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             connections: 1,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
-            retry_min_delay: Duration::from_millis(20),
-            retry_max_delay: Duration::from_secs(1),
+            retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_secs(1)),
         }
     }
 
@@ -328,10 +322,10 @@ impl RedisReservationsBuilder {
         self
     }
 
-    /// Backoff between attempts: starts at `min`, doubles up to `max` (default 20 ms–1 s).
+    /// Backoff between attempts: starts at `min`, doubles up to `max`, with equal jitter
+    /// ([`eventful_core::Backoff`]; default 20 ms–1 s).
     pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.retry_min_delay = min;
-        self.retry_max_delay = max.max(min);
+        self.retry_backoff = Backoff::new(min, max.max(min));
         self
     }
 
@@ -384,8 +378,7 @@ impl RedisReservationsBuilder {
                     .unwrap_or(u64::MAX)
                     .max(1),
                 max_attempts: self.max_attempts,
-                retry_min_delay: self.retry_min_delay,
-                retry_max_delay: self.retry_max_delay,
+                retry_backoff: self.retry_backoff,
             }),
         })
     }
