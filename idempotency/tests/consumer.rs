@@ -1,5 +1,6 @@
-//! The inbox consumer runtime against the real PostgreSQL and a private Kafka-protocol
-//! broker (tansu with SQLite storage) per test, hence the `serial_` names.
+//! The inbox consumer runtime against the real PostgreSQL and the shared Apache Kafka broker,
+//! each test on its own topics and consumer groups. Tests that generate load or abort
+//! consumers mid-flight are named `serial_` and run alone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
