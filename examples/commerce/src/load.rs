@@ -24,7 +24,7 @@ mod sweep;
 
 pub use lag::{consumer_lag, GroupLag, SERVICES};
 pub use schedule::{parse_duration, schedule};
-pub use stats::{achieved_rate, ms, stages, Latencies, Percentiles, StageSplit};
+pub use stats::{achieved_rate, ms, stages, History, Latencies, Percentiles, StageSplit};
 pub use sweep::{chart_svg, csv, SweepRow};
 
 use std::collections::HashMap;
@@ -137,8 +137,8 @@ struct Tracked {
 struct Terminal {
     status: String,
     created: DateTime<Utc>,
-    /// `(toStatus, at)`, oldest first; never empty.
-    history: Vec<(String, DateTime<Utc>)>,
+    /// Never empty.
+    history: History,
 }
 
 impl Terminal {
@@ -154,7 +154,7 @@ impl Tracked {
 }
 
 /// `createdAt` and the history of an order as `GET /orders/{id}` shows it.
-fn server_history(order: &Value) -> Option<(DateTime<Utc>, Vec<(String, DateTime<Utc>)>)> {
+fn server_history(order: &Value) -> Option<(DateTime<Utc>, History)> {
     let parse = |v: &Value| v.as_str()?.parse::<DateTime<Utc>>().ok();
     let created = parse(&order["createdAt"])?;
     let history = order["history"]
@@ -363,7 +363,7 @@ async fn stock_up(
 /// the request body.
 fn nth_order(i: usize, options: &LoadOptions, skus: &[String]) -> (String, bool, Value) {
     let sku = skus[i % skus.len()].clone();
-    let declined = options.decline_every > 0 && i % options.decline_every == 0;
+    let declined = options.decline_every > 0 && i.is_multiple_of(options.decline_every);
     let amount = if declined {
         options.payment_limit + 1
     } else {

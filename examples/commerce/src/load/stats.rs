@@ -133,8 +133,11 @@ const STAGE_ORDER: [&str; 5] = [
     "ORDER_RESERVED→ORDER_EXPIRED",
 ];
 
+/// An order's transitions as `(toStatus, at)`, oldest first.
+pub type History = Vec<(String, DateTime<Utc>)>;
+
 /// One histogram per stage name.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct StageSplit(Vec<(String, Latencies)>);
 
 impl StageSplit {

@@ -55,6 +55,9 @@ pub fn csv(rows: &[SweepRow]) -> String {
     out
 }
 
+/// A line of the chart: its legend, colour, and the row's value it plots.
+type Series = (&'static str, RGBColor, fn(&SweepRow) -> Duration);
+
 /// The chart as an SVG document: POST → terminal p50 / p99 / p99.9 (log scale, ms) against
 /// achieved throughput, each point labelled with its offered rate. A system that keeps up
 /// gives points at x ≈ offered; past saturation x stops growing and latency climbs.
@@ -91,7 +94,7 @@ pub fn chart_svg(rows: &[SweepRow], title: &str) -> anyhow::Result<String> {
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| label_ms(*y))
             .draw()?;
-        let series: [(&str, RGBColor, fn(&SweepRow) -> Duration); 3] = [
+        let series: [Series; 3] = [
             ("p50", BLUE, |r| r.terminal_p50),
             ("p99", RGBColor(230, 120, 0), |r| r.terminal_p99),
             ("p99.9", RED, |r| r.terminal_p999),
