@@ -219,10 +219,10 @@ type DeadLetterRow = (
 );
 
 /// The shared broker (`KAFKA_BROKERS`); every test has its own topics and groups.
-async fn shared_broker() -> ((), String) {
+async fn shared_broker() -> String {
     let brokers = kafka::brokers();
     kafka::require_broker(&brokers).await;
-    ((), brokers)
+    brokers
 }
 
 async fn topic_on(brokers: &str, partitions: i32) -> String {
@@ -510,7 +510,7 @@ async fn serial_crash_between_db_commit_and_offset_commit_redelivers_a_duplicate
 async fn poison_messages_go_to_the_dead_letter_table_and_the_partition_moves_on() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    let (_broker, brokers) = shared_broker().await;
+    let brokers = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -639,7 +639,7 @@ async fn poison_messages_go_to_the_dead_letter_table_and_the_partition_moves_on(
 async fn unknown_types_are_skipped_and_poison_goes_to_a_dead_letter_topic() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    let (_broker, brokers) = shared_broker().await;
+    let brokers = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let dlt = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
@@ -710,7 +710,7 @@ async fn unknown_types_are_skipped_and_poison_goes_to_a_dead_letter_topic() {
 async fn transient_errors_are_retried_in_order() {
     eventful_test_support::init_tracing();
     let db = database().await;
-    let (_broker, brokers) = shared_broker().await;
+    let brokers = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -762,7 +762,7 @@ async fn transient_errors_are_retried_in_order() {
 #[tokio::test]
 async fn exhausted_retries_are_dead_lettered() {
     let db = database().await;
-    let (_broker, brokers) = shared_broker().await;
+    let brokers = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -806,7 +806,7 @@ async fn exhausted_retries_are_dead_lettered() {
 #[tokio::test]
 async fn graceful_shutdown_commits_offsets() {
     let db = database().await;
-    let (_broker, brokers) = shared_broker().await;
+    let brokers = shared_broker().await;
     let topic = topic_on(&brokers, 2).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -894,7 +894,7 @@ impl EventHandler for Blocked {
 async fn a_stuck_partition_does_not_block_the_others() {
     use std::sync::atomic::Ordering;
     let db = database().await;
-    let (_broker, brokers) = shared_broker().await;
+    let brokers = shared_broker().await;
     let topic = topic_on(&brokers, 2).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
@@ -1033,7 +1033,7 @@ async fn a_panicking_handler_dead_letters_its_event_and_the_partition_goes_on() 
     use std::sync::atomic::Ordering;
     eventful_test_support::init_tracing();
     let db = database().await;
-    let (_broker, brokers) = shared_broker().await;
+    let brokers = shared_broker().await;
     let topic = topic_on(&brokers, 1).await;
     let group = format!("inbox-{}", Uuid::new_v4().simple());
     let producer = kafka::producer(&brokers);
