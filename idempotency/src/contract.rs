@@ -1,8 +1,43 @@
 //! The contract every [`ProcessedStore`] backend must pass (feature `test-utils`).
 //!
-//! Plain async functions, object_store-style: a backend's tests call each with a fresh
-//! store. They panic on a violation.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Plain public async functions that panic on a broken guarantee, in the style of
+//! `object_store::integration` (and like `eventful_reservation::contract`). Give each one a
+//! fresh store; or let [`contract_tests!`](crate::contract_tests) generate one
+//! `#[tokio::test]` per function:
+//!
+//! ```
+//! use eventful_idempotency::InMemoryStore;
+//!
+//! eventful_idempotency::contract_tests!(async { InMemoryStore::new() });
+//! # fn main() {}
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+/// Generates one `#[tokio::test]` per contract function; `$factory` is an expression
+/// evaluating to a future of a fresh store, evaluated once per test.
+#[macro_export]
+macro_rules! contract_tests {
+    ($factory:expr) => {
+        $crate::contract_tests!(@each $factory;
+            first_then_duplicate,
+            rollback_leaves_no_record,
+            consumers_are_independent,
+            concurrent_record_waits_for_holder,
+            racing_deliveries_apply_once,
+            stored_result_commits_with_record,
+            purge_deletes_old_records_in_batches
+        );
+    };
+    (@each $factory:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $factory.await;
+                $crate::contract::$name(&store).await;
+            }
+        )*
+    };
+}
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -104,7 +139,8 @@ pub async fn consumers_are_independent<S: ProcessedStore>(store: &S) {
 /// A second transaction recording an id held by an open one waits for it: it is still
 /// waiting 100 ms later, gets `First` once the holder rolls back, and `Duplicate` when the
 /// holder commits.
-pub async fn concurrent_record_waits_for_holder<S: ProcessedStore>(store: Arc<S>) {
+pub async fn concurrent_record_waits_for_holder<S: ProcessedStore + Clone>(store: &S) {
+    let store = Arc::new(store.clone());
     for holder_commits in [false, true] {
         let c = consumer();
         let id = Uuid::now_v7();
@@ -145,13 +181,11 @@ pub async fn concurrent_record_waits_for_holder<S: ProcessedStore>(store: Arc<S>
     }
 }
 
-/// `racers` transactions record each of `events` ids at once and "apply an effect" when
-/// they get `First`: every id gets exactly one effect.
-pub async fn racing_deliveries_apply_once<S: ProcessedStore>(
-    store: Arc<S>,
-    events: usize,
-    racers: usize,
-) {
+/// 8 transactions record each of 50 ids at once and "apply an effect" when they get
+/// `First`: every id gets exactly one effect.
+pub async fn racing_deliveries_apply_once<S: ProcessedStore + Clone>(store: &S) {
+    let (events, racers) = (50, 8);
+    let store = Arc::new(store.clone());
     let c = consumer();
     let ids: Arc<Vec<Uuid>> = Arc::new((0..events).map(|_| Uuid::now_v7()).collect());
     let effects: Arc<Vec<AtomicUsize>> =
@@ -293,20 +327,4 @@ pub async fn purge_deletes_old_records_in_batches<S: ProcessedStore>(store: &S) 
         "another consumer's records are kept"
     );
     store.rollback(tx).await.unwrap();
-}
-
-/// Runs the whole contract against stores made by `make`.
-pub async fn run_all<S, F, Fut>(make: F)
-where
-    S: ProcessedStore,
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = S>,
-{
-    first_then_duplicate(&make().await).await;
-    rollback_leaves_no_record(&make().await).await;
-    consumers_are_independent(&make().await).await;
-    concurrent_record_waits_for_holder(Arc::new(make().await)).await;
-    racing_deliveries_apply_once(Arc::new(make().await), 50, 8).await;
-    stored_result_commits_with_record(&make().await).await;
-    purge_deletes_old_records_in_batches(&make().await).await;
 }

@@ -1,25 +1,28 @@
-//! The guard storage contract, run against PostgreSQL and the in-memory twin.
+//! The guard storage contract (`eventful_idempotency::contract`), run against PostgreSQL
+//! and the in-memory twin; then the guard's own guarantees on PostgreSQL.
 
-use eventful_idempotency::{contract, InMemoryStore, PostgresStore, Processed, ProcessedEvents};
+mod in_memory {
+    use eventful_idempotency::InMemoryStore;
+
+    eventful_idempotency::contract_tests!(async { InMemoryStore::new() });
+}
+
+mod postgres {
+    use eventful_idempotency::PostgresStore;
+    use eventful_test_support::TestDatabase;
+
+    async fn store() -> PostgresStore {
+        let db = TestDatabase::create_with_pool_size(20).await;
+        eventful_idempotency::migrate(&db.pool).await.unwrap();
+        PostgresStore::new(db.pool.clone())
+    }
+
+    eventful_idempotency::contract_tests!(store());
+}
+
+use eventful_idempotency::{Processed, ProcessedEvents};
 use eventful_test_support::TestDatabase;
 use uuid::Uuid;
-
-#[tokio::test]
-async fn in_memory_store_passes_the_contract() {
-    contract::run_all(|| async { InMemoryStore::new() }).await;
-}
-
-#[tokio::test]
-async fn postgres_store_passes_the_contract() {
-    let db = TestDatabase::create_with_pool_size(20).await;
-    eventful_idempotency::migrate(&db.pool).await.unwrap();
-    let pool = db.pool.clone();
-    contract::run_all(move || {
-        let pool = pool.clone();
-        async move { PostgresStore::new(pool) }
-    })
-    .await;
-}
 
 /// The guard used directly on two connections of two pools: exactly one `First` per id,
 /// many times over, and the effect row written with it exists exactly once.
@@ -117,7 +120,7 @@ async fn duplicate_reads_the_stored_result() {
     );
 }
 
-/// `spawn_retention` purges old records in the background and stops on cancel.
+/// `Retention` purges old records in the background and stops on cancel.
 #[tokio::test]
 async fn retention_task_purges_and_stops() {
     let db = TestDatabase::create().await;
@@ -132,13 +135,11 @@ async fn retention_task_purges_and_stops() {
     }
     tx.commit().await.unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let task = guard.spawn_retention(
-        db.pool.clone(),
-        std::time::Duration::ZERO,
-        std::time::Duration::from_millis(10),
-        7,
-        cancel.clone(),
-    );
+    let task = eventful_idempotency::Retention::new(db.pool.clone(), guard.clone())
+        .max_age(std::time::Duration::ZERO)
+        .interval(std::time::Duration::from_millis(10))
+        .batch_size(7)
+        .spawn(cancel.clone());
     let pool = db.pool.clone();
     eventful_test_support::wait_until(
         "the records are purged",

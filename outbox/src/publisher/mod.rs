@@ -11,7 +11,8 @@ use crate::{Error, OutboxRecord};
 
 /// Sends a batch of recorded events to a broker.
 ///
-/// Contract (the relay relies on it; `tests/publisher_contract.rs` checks both backends):
+/// Contract (the relay relies on it; the suite in `eventful_outbox::contract`, feature
+/// `test-utils`, checks it, and the in-memory and Kafka publishers pass it):
 ///
 /// - returns exactly one result per event, in the order of `events`; `Ok(())` means the
 ///   broker acknowledged the event durably (for Kafka: the delivery report came back);

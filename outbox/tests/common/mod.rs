@@ -1,8 +1,6 @@
 //! Helpers shared by the outbox integration tests.
 #![allow(dead_code, unreachable_pub)]
 
-pub mod contract;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
