@@ -24,9 +24,10 @@ use rand::Rng as _;
 /// retry comes sooner than half the ceiling, so the retry rate during an outage stays
 /// bounded.
 ///
-/// [`Default`] is 100 ms → 30 s. Every crate's builder setter (`Relay::builder(..).backoff`,
-/// `InboxConsumerBuilder::retry_backoff`, `RedisReservationsBuilder::retry_backoff`, …)
-/// builds one of these.
+/// [`Default`] is 100 ms → 30 s. Every crate's builder takes one through a setter named
+/// `backoff` (`RelayBuilder::backoff`, `InboxConsumerBuilder::backoff`,
+/// `RedisReservationsBuilder::backoff`, `CoordinatorBuilder::backoff`), and every crate
+/// re-exports it as `<crate>::Backoff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct Backoff {

@@ -4,8 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::store::postgres as pg;
@@ -113,41 +111,13 @@ impl ProcessedEvents {
     ///
     /// An event redelivered after its record was deleted is processed again: keep `age`
     /// well above the longest possible redelivery delay (topic retention, consumer lag).
+    /// [`Retention`](crate::Retention) runs this periodically.
     pub async fn purge_older_than(
         &self,
         pool: &PgPool,
         age: Duration,
-        batch_size: u32,
+        batch_size: usize,
     ) -> Result<u64, Error> {
         pg::purge_older_than(pool, &self.consumer, age, batch_size).await
-    }
-
-    /// Runs [`purge_older_than`](Self::purge_older_than) every `every` until `cancel` fires.
-    /// Failures are logged and retried at the next tick.
-    pub fn spawn_retention(
-        &self,
-        pool: PgPool,
-        age: Duration,
-        every: Duration,
-        batch_size: u32,
-        cancel: CancellationToken,
-    ) -> JoinHandle<()> {
-        let guard = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                match guard.purge_older_than(&pool, age, batch_size).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(consumer = %guard.consumer, deleted = n, "retention"),
-                    Err(e) => {
-                        tracing::warn!(consumer = %guard.consumer, error = %e, "retention failed")
-                    }
-                }
-            }
-        })
     }
 }

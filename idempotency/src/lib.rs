@@ -99,15 +99,19 @@ mod event;
 mod guard;
 mod handler;
 mod migrate;
+mod retention;
 pub mod store;
 
 pub use error::Error;
 pub use event::{DecodeError, EnvelopeError, EventMeta};
 /// The Kafka header names and content types of a consumed event (from `eventful-core`).
 pub use eventful_core::headers;
+/// The retry backoff every builder's `backoff` setter takes (from `eventful-core`).
+pub use eventful_core::Backoff;
 pub use guard::{Processed, ProcessedEvents};
 pub use handler::{BoxError, EventHandler, HandlerError};
 pub use migrate::{apply_idempotent_schema, migrate};
+pub use retention::Retention;
 
 /// Re-exported so handler implementations need no extra dependency.
 pub use async_trait::async_trait;

@@ -146,7 +146,10 @@ fn start(
     let builder = InboxConsumer::builder(options(brokers, group), pool.clone())
         .topic(topic)
         .handler("OrderPlaced", handler)
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .backoff(eventful_idempotency::Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        ))
         .on_delivery(move |delivery| {
             log.0.lock().unwrap().push(delivery);
             async {}

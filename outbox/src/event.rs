@@ -144,6 +144,40 @@ pub struct OutboxRecord {
     pub attempts: i32,
 }
 
+/// An outbox row as the relay's fetch returns it (`headers` is JSON text).
+#[derive(sqlx::FromRow)]
+pub(crate) struct RecordRow {
+    seq: i64,
+    id: Uuid,
+    topic: String,
+    key: String,
+    event_type: String,
+    payload: Vec<u8>,
+    content_type: String,
+    headers: String,
+    created_at: DateTime<Utc>,
+    attempts: i32,
+}
+
+impl TryFrom<RecordRow> for OutboxRecord {
+    type Error = Error;
+
+    fn try_from(row: RecordRow) -> Result<OutboxRecord, Error> {
+        Ok(OutboxRecord {
+            seq: row.seq,
+            id: row.id,
+            topic: row.topic,
+            key: row.key,
+            event_type: row.event_type,
+            payload: row.payload,
+            content_type: row.content_type,
+            headers: serde_json::from_str(&row.headers)?,
+            created_at: row.created_at,
+            attempts: row.attempts,
+        })
+    }
+}
+
 impl OutboxRecord {
     /// The record a relay would hand to a publisher for `event` stored at position `seq`
     /// (for testing publishers and for embedding a publisher without the relay).

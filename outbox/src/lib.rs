@@ -141,6 +141,9 @@
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+#[cfg(feature = "test-utils")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-utils")))]
+pub mod contract;
 mod error;
 mod event;
 mod metrics;
@@ -155,6 +158,8 @@ pub use error::Error;
 pub use event::{NewEvent, OutboxRecord};
 /// The Kafka header names and content types of a published event (from `eventful-core`).
 pub use eventful_core::headers;
+/// The retry backoff every builder's `backoff` setter takes (from `eventful-core`).
+pub use eventful_core::Backoff;
 pub use metrics::{RelayMetrics, RelayMetricsHandle};
 pub use outbox::{EventStatus, Outbox, OutboxBuilder, OutboxStats, ParkedEvent, TraceparentSource};
 #[cfg(feature = "kafka")]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use eventful_core::headers::TRACEPARENT;
-use sqlx::{PgConnection, PgPool, Row as _};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::event::NewEvent;
@@ -138,7 +138,7 @@ pub struct OutboxStats {
 }
 
 /// A parked event, as listed by [`Outbox::parked`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 #[non_exhaustive]
 pub struct ParkedEvent {
     /// Event id.
@@ -323,57 +323,56 @@ impl Outbox {
 
     /// Pending / parked counts and the age of the oldest pending event.
     pub async fn stats(&self, pool: &PgPool) -> Result<OutboxStats, Error> {
-        let row = sqlx::query(&self.inner.sql.stats).fetch_one(pool).await?;
-        let age_ms: Option<f64> = row.try_get("oldest_ms")?;
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            pending: i64,
+            parked: i64,
+            oldest_ms: Option<f64>,
+        }
+        let row: Row = sqlx::query_as(&self.inner.sql.stats)
+            .fetch_one(pool)
+            .await?;
         Ok(OutboxStats {
-            pending: row.try_get("pending")?,
-            parked: row.try_get("parked")?,
-            oldest_pending_age: age_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
+            pending: row.pending,
+            parked: row.parked,
+            oldest_pending_age: row
+                .oldest_ms
+                .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
         })
     }
 
     /// The status of one event, or `None` if no such event is in the table (never recorded,
     /// rolled back, or deleted by retention).
     pub async fn status(&self, pool: &PgPool, id: Uuid) -> Result<Option<EventStatus>, Error> {
-        let row = sqlx::query(&self.inner.sql.status)
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            attempts: i32,
+            published_at: Option<DateTime<Utc>>,
+            parked_at: Option<DateTime<Utc>>,
+            last_error: Option<String>,
+        }
+        let row: Option<Row> = sqlx::query_as(&self.inner.sql.status)
             .bind(id)
             .fetch_optional(pool)
             .await?;
         let Some(row) = row else { return Ok(None) };
-        let attempts: i32 = row.try_get("attempts")?;
-        let published_at: Option<DateTime<Utc>> = row.try_get("published_at")?;
-        let parked_at: Option<DateTime<Utc>> = row.try_get("parked_at")?;
-        Ok(Some(match (published_at, parked_at) {
+        let attempts = row.attempts;
+        Ok(Some(match (row.published_at, row.parked_at) {
             (Some(at), _) => EventStatus::Published { at, attempts },
             (None, Some(_)) => EventStatus::Parked {
                 attempts,
-                last_error: row.try_get("last_error")?,
+                last_error: row.last_error,
             },
             (None, None) => EventStatus::Pending { attempts },
         }))
     }
 
     /// Parked events in seq order (at most `limit`).
-    pub async fn parked(&self, pool: &PgPool, limit: i64) -> Result<Vec<ParkedEvent>, Error> {
-        let rows = sqlx::query(&self.inner.sql.parked)
-            .bind(limit)
+    pub async fn parked(&self, pool: &PgPool, limit: usize) -> Result<Vec<ParkedEvent>, Error> {
+        Ok(sqlx::query_as(&self.inner.sql.parked)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(pool)
-            .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(ParkedEvent {
-                    id: row.try_get("id")?,
-                    seq: row.try_get("seq")?,
-                    topic: row.try_get("topic")?,
-                    key: row.try_get("key")?,
-                    event_type: row.try_get("event_type")?,
-                    attempts: row.try_get("attempts")?,
-                    last_error: row.try_get("last_error")?,
-                    created_at: row.try_get("created_at")?,
-                    parked_at: row.try_get("parked_at")?,
-                })
-            })
-            .collect()
+            .await?)
     }
 
     /// Un-parks one event: its attempts restart from zero and the relay publishes it (and
@@ -402,11 +401,11 @@ impl Outbox {
         &self,
         pool: &PgPool,
         older_than: Duration,
-        limit: i64,
+        limit: usize,
     ) -> Result<u64, Error> {
         let done = sqlx::query(&self.inner.sql.delete_published)
             .bind(older_than.as_secs_f64() * 1000.0)
-            .bind(limit)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .execute(pool)
             .await?;
         Ok(done.rows_affected())

@@ -17,7 +17,7 @@ pub struct Retention {
     pool: PgPool,
     outbox: Outbox,
     max_age: Duration,
-    batch_size: i64,
+    batch_size: usize,
     interval: Duration,
 }
 
@@ -40,7 +40,7 @@ impl Retention {
     }
 
     /// Rows deleted per statement (default 1000, at least 1).
-    pub fn batch_size(mut self, batch_size: i64) -> Self {
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
         self
     }

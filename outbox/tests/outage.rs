@@ -33,7 +33,10 @@ async fn serial_broker_paused_for_30s_backs_off_and_drains_in_order() {
     let publisher = common::Recording::new(Arc::new(kafka));
     let cancel = CancellationToken::new();
     let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
-        .backoff(Duration::from_millis(200), Duration::from_secs(4))
+        .backoff(eventful_outbox::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(4),
+        ))
         .max_attempts(1000)
         .poll_interval(Duration::from_millis(200))
         .build()

@@ -114,7 +114,10 @@ async fn retryable_failures_back_off_then_park_after_max_attempts() {
     let cancel = CancellationToken::new();
     let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
         .max_attempts(5)
-        .backoff(Duration::from_millis(100), Duration::from_secs(10))
+        .backoff(eventful_outbox::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+        ))
         .poll_interval(Duration::from_millis(50))
         .build()
         .unwrap();

@@ -110,6 +110,8 @@ pub mod contract;
 pub mod redis;
 
 pub use error::Error;
+/// The retry backoff every builder's `backoff` setter takes (from `eventful-core`).
+pub use eventful_core::Backoff;
 pub use memory::InMemoryReservations;
 pub use model::{
     Reservation, ReservationState, StockLevel, DEFAULT_RETENTION, MAX_QUANTITY, MAX_STOCK, MAX_TTL,

@@ -137,7 +137,10 @@ async fn store_on(node: &ClusterNode, namespace: &str) -> RedisReservations {
     RedisReservations::builder(node.url().as_str())
         .namespace(namespace)
         .max_attempts(2)
-        .retry_backoff(Duration::from_millis(5), Duration::from_millis(5))
+        .backoff(eventful_reservation::Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(5),
+        ))
         .connect()
         .await
         .unwrap()

@@ -85,7 +85,10 @@ async fn serial_retries_are_bounded_when_redis_stays_down() {
     let store = RedisReservations::builder(server.url().as_str())
         .namespace("failures")
         .max_attempts(3)
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .backoff(eventful_reservation::Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
         .connect()
         .await
         .unwrap();

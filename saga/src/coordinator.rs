@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventful_core::Backoff;
 use eventful_idempotency::{Processed, ProcessedEvents};
 use eventful_outbox::{NewEvent, Outbox};
 use serde::de::DeserializeOwned;
@@ -55,9 +56,9 @@ pub(crate) struct Inner {
     reply_topic: String,
     sagas: HashMap<String, Arc<dyn ErasedSaga>>,
     pub(crate) types: Vec<String>,
-    retry_backoff: Duration,
+    retry_backoff: Backoff,
     pub(crate) scan_interval: Duration,
-    pub(crate) scan_batch: u32,
+    pub(crate) scan_batch: usize,
     pub(crate) error_backoff: Duration,
 }
 
@@ -77,9 +78,9 @@ pub struct CoordinatorBuilder {
     guard_name: String,
     reply_topic: String,
     sagas: Vec<Result<Arc<dyn ErasedSaga>, Error>>,
-    retry_backoff: Duration,
+    retry_backoff: Backoff,
     scan_interval: Duration,
-    scan_batch: u32,
+    scan_batch: usize,
 }
 
 impl std::fmt::Debug for CoordinatorBuilder {
@@ -117,10 +118,10 @@ impl CoordinatorBuilder {
         self
     }
 
-    /// Base delay before a refused compensation is re-sent; doubled per attempt and capped
-    /// by the step's compensation timeout, with equal jitter ([`eventful_core::Backoff`]).
-    /// Default 1 s.
-    pub fn compensation_retry_backoff(mut self, backoff: Duration) -> Self {
+    /// Delays before a refused compensation is re-sent: from `base`, doubled per attempt,
+    /// capped by `max` and by the step's compensation timeout, with equal jitter
+    /// ([`Backoff`]). Default 1 s, capped by the compensation timeout only.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.retry_backoff = backoff;
         self
     }
@@ -132,7 +133,7 @@ impl CoordinatorBuilder {
     }
 
     /// How many due sagas the deadline scanner handles per transaction. Default 100.
-    pub fn scan_batch_size(mut self, batch: u32) -> Self {
+    pub fn scan_batch_size(mut self, batch: usize) -> Self {
         self.scan_batch = batch.max(1);
         self
     }
@@ -183,7 +184,7 @@ impl Coordinator {
             guard_name: DEFAULT_GUARD_NAME.to_owned(),
             reply_topic: DEFAULT_REPLY_TOPIC.to_owned(),
             sagas: Vec::new(),
-            retry_backoff: Duration::from_secs(1),
+            retry_backoff: Backoff::new(Duration::from_secs(1), Duration::MAX),
             scan_interval: Duration::from_secs(1),
             scan_batch: 100,
         }
@@ -367,8 +368,12 @@ impl Coordinator {
     #[tracing::instrument(name = "saga.deadlines", skip_all)]
     pub async fn expire_due(&self) -> Result<usize, Error> {
         let mut tx = self.inner.pool.begin().await?;
-        let due =
-            store::lock_due(&mut tx, &self.inner.types, i64::from(self.inner.scan_batch)).await?;
+        let due = store::lock_due(
+            &mut tx,
+            &self.inner.types,
+            i64::try_from(self.inner.scan_batch).unwrap_or(i64::MAX),
+        )
+        .await?;
         for row in &due {
             let mut sp = tx.begin().await?;
             match self.expire_one(&mut sp, row).await {

@@ -107,6 +107,8 @@ pub use definition::{
     Command, SagaDefinition, Step, DEFAULT_COMPENSATION_TIMEOUT, DEFAULT_STEP_TIMEOUT,
 };
 pub use error::Error;
+/// The retry backoff every builder's `backoff` setter takes (from `eventful-core`).
+pub use eventful_core::Backoff;
 pub use machine::IgnoreReason;
 pub use migrate::migrate;
 pub use model::{HistoryEntry, Outcome, SagaInstance, SagaStatus, StepKind, Transition};

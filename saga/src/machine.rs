@@ -88,15 +88,15 @@ pub(crate) fn start(plan: &[StepPlan]) -> Change {
     }
 }
 
-/// Applies the rules. `retry_backoff` is the base delay before a refused compensation is
-/// re-sent (doubled per attempt, capped by the step's compensation timeout, with the equal
-/// jitter of [`Backoff`]: sagas refused together by one failing participant do not all
-/// re-send at the same instant).
+/// Applies the rules. `retry_backoff` spaces the re-sends of a refused compensation
+/// (doubled per attempt from its base, capped by its max and by the step's compensation
+/// timeout, with the equal jitter of [`Backoff`]: sagas refused together by one failing
+/// participant do not all re-send at the same instant).
 pub(crate) fn decide(
     plan: &[StepPlan],
     state: State,
     input: Input,
-    retry_backoff: Duration,
+    retry_backoff: Backoff,
 ) -> Decision {
     if state.status.is_terminal() {
         return Decision::Ignore(IgnoreReason::Terminal);
@@ -162,7 +162,8 @@ pub(crate) fn decide(
                 Transition::CompensationSucceeded,
             )),
             Outcome::Failure => {
-                let delay = Backoff::new(retry_backoff, plan[i].compensation_timeout)
+                let delay = retry_backoff
+                    .with_max(retry_backoff.max.min(plan[i].compensation_timeout))
                     .delay(u32::try_from(state.attempts).unwrap_or(0));
                 Decision::Apply(Change {
                     transition: Transition::CompensationFailed,
@@ -273,7 +274,7 @@ mod tests {
         }
     }
 
-    const B: Duration = Duration::from_millis(100);
+    const B: Backoff = Backoff::new(Duration::from_millis(100), Duration::MAX);
 
     fn apply(d: Decision) -> Change {
         match d {

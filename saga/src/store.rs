@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use sqlx::{PgConnection, PgPool, Row as _};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::machine::State;
@@ -40,19 +41,81 @@ fn to_i32(i: usize) -> i32 {
     i32::try_from(i).unwrap_or(i32::MAX)
 }
 
-fn loaded(row: &sqlx::postgres::PgRow) -> Result<Loaded, Error> {
-    Ok(Loaded {
-        id: row.try_get("id")?,
-        saga_type: row.try_get("saga_type")?,
-        state: State {
-            status: status(row.try_get::<&str, _>("status")?)?,
-            step: step(row.try_get("current_step")?)?,
-            attempts: row.try_get("attempts")?,
-        },
-        data: row.try_get("data")?,
-        version: row.try_get("version")?,
-        expired: row.try_get("expired")?,
-    })
+/// The columns of [`COLUMNS`], as stored.
+#[derive(sqlx::FromRow)]
+struct LoadedRow {
+    id: Uuid,
+    saga_type: String,
+    status: String,
+    current_step: i32,
+    attempts: i32,
+    data: serde_json::Value,
+    version: i64,
+    expired: bool,
+}
+
+impl TryFrom<LoadedRow> for Loaded {
+    type Error = Error;
+
+    fn try_from(row: LoadedRow) -> Result<Loaded, Error> {
+        Ok(Loaded {
+            id: row.id,
+            saga_type: row.saga_type,
+            state: State {
+                status: status(&row.status)?,
+                step: step(row.current_step)?,
+                attempts: row.attempts,
+            },
+            data: row.data,
+            version: row.version,
+            expired: row.expired,
+        })
+    }
+}
+
+/// A row of `eventful_saga_instances`, as [`inspect`] reads it.
+#[derive(sqlx::FromRow)]
+struct InstanceRow {
+    id: Uuid,
+    saga_type: String,
+    status: String,
+    current_step: i32,
+    data: serde_json::Value,
+    version: i64,
+    step_deadline: Option<DateTime<Utc>>,
+    attempts: i32,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// A row of `eventful_saga_history`.
+#[derive(sqlx::FromRow)]
+struct HistoryRow {
+    transition: String,
+    step: i32,
+    from_status: Option<String>,
+    to_status: String,
+    caused_by: Option<Uuid>,
+    emitted_event_id: Option<Uuid>,
+    reason: Option<String>,
+    at: DateTime<Utc>,
+}
+
+impl TryFrom<HistoryRow> for HistoryEntry {
+    type Error = Error;
+
+    fn try_from(h: HistoryRow) -> Result<HistoryEntry, Error> {
+        Ok(HistoryEntry {
+            transition: h.transition.parse().map_err(Error::Corrupt)?,
+            step: step(h.step)?,
+            from_status: h.from_status.as_deref().map(status).transpose()?,
+            to_status: status(&h.to_status)?,
+            caused_by: h.caused_by,
+            emitted_event_id: h.emitted_event_id,
+            reason: h.reason,
+            at: h.at,
+        })
+    }
 }
 
 const COLUMNS: &str = "id, saga_type, status, current_step, data, version, attempts, \
@@ -101,13 +164,13 @@ pub(crate) async fn insert(
 
 /// Reads one instance without locking it (optimistic concurrency: writers check `version`).
 pub(crate) async fn load(conn: &mut PgConnection, id: Uuid) -> Result<Option<Loaded>, Error> {
-    let row = sqlx::query(&format!(
+    let row: Option<LoadedRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM eventful_saga_instances WHERE id = $1"
     ))
     .bind(id)
     .fetch_optional(conn)
     .await?;
-    row.as_ref().map(loaded).transpose()
+    row.map(Loaded::try_from).transpose()
 }
 
 /// Applies a transition and appends its history row in one statement, if nobody else
@@ -172,7 +235,7 @@ pub(crate) async fn lock_due(
     types: &[String],
     limit: i64,
 ) -> Result<Vec<Loaded>, Error> {
-    let rows = sqlx::query(&format!(
+    let rows: Vec<LoadedRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM eventful_saga_instances \
          WHERE status IN ('running', 'compensating') \
            AND step_deadline <= clock_timestamp() \
@@ -185,7 +248,7 @@ pub(crate) async fn lock_due(
     .bind(limit)
     .fetch_all(conn)
     .await?;
-    rows.iter().map(loaded).collect()
+    rows.into_iter().map(Loaded::try_from).collect()
 }
 
 /// Pushes a deadline back (used when a due instance cannot be processed).
@@ -204,7 +267,7 @@ pub(crate) async fn postpone(conn: &mut PgConnection, id: Uuid, by: Duration) ->
 
 /// The instance and its history.
 pub(crate) async fn inspect(pool: &PgPool, id: Uuid) -> Result<Option<SagaInstance>, Error> {
-    let Some(row) = sqlx::query(
+    let Some(row): Option<InstanceRow> = sqlx::query_as(
         "SELECT id, saga_type, status, current_step, data, version, step_deadline, attempts, \
                 created_at, updated_at \
          FROM eventful_saga_instances WHERE id = $1",
@@ -215,44 +278,27 @@ pub(crate) async fn inspect(pool: &PgPool, id: Uuid) -> Result<Option<SagaInstan
     else {
         return Ok(None);
     };
-    let history = sqlx::query(
+    let history = sqlx::query_as::<_, HistoryRow>(
         "SELECT transition, step, from_status, to_status, caused_by, emitted_event_id, reason, at \
          FROM eventful_saga_history WHERE saga_id = $1 ORDER BY seq",
     )
     .bind(id)
     .fetch_all(pool)
     .await?
-    .iter()
-    .map(|h| {
-        Ok(HistoryEntry {
-            transition: h
-                .try_get::<&str, _>("transition")?
-                .parse()
-                .map_err(Error::Corrupt)?,
-            step: step(h.try_get("step")?)?,
-            from_status: h
-                .try_get::<Option<&str>, _>("from_status")?
-                .map(status)
-                .transpose()?,
-            to_status: status(h.try_get("to_status")?)?,
-            caused_by: h.try_get("caused_by")?,
-            emitted_event_id: h.try_get("emitted_event_id")?,
-            reason: h.try_get("reason")?,
-            at: h.try_get("at")?,
-        })
-    })
+    .into_iter()
+    .map(HistoryEntry::try_from)
     .collect::<Result<Vec<_>, Error>>()?;
     Ok(Some(SagaInstance {
-        id: row.try_get("id")?,
-        saga_type: row.try_get("saga_type")?,
-        status: status(row.try_get("status")?)?,
-        current_step: step(row.try_get("current_step")?)?,
-        data: row.try_get("data")?,
-        version: row.try_get("version")?,
-        step_deadline: row.try_get("step_deadline")?,
-        attempts: row.try_get("attempts")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
+        id: row.id,
+        saga_type: row.saga_type,
+        status: status(&row.status)?,
+        current_step: step(row.current_step)?,
+        data: row.data,
+        version: row.version,
+        step_deadline: row.step_deadline,
+        attempts: row.attempts,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
         history,
     }))
 }

@@ -21,7 +21,7 @@ impl Coordinator {
         tokio::spawn(
             async move {
                 let interval = coordinator.inner().scan_interval;
-                let batch = coordinator.inner().scan_batch as usize;
+                let batch = coordinator.inner().scan_batch;
                 loop {
                     loop {
                         if cancel.is_cancelled() {

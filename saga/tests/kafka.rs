@@ -56,7 +56,10 @@ fn reply_consumer(
     )
     .topic(replies)
     .handler(REPLY_EVENT_TYPE, c.reply_handler())
-    .retry_backoff(Duration::from_millis(20), Duration::from_millis(500))
+    .backoff(eventful_saga::Backoff::new(
+        Duration::from_millis(20),
+        Duration::from_millis(500),
+    ))
     .build()
     .unwrap()
 }

@@ -21,7 +21,6 @@ mod runtime;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use eventful_core::Backoff;
@@ -250,10 +249,10 @@ impl InboxConsumerBuilder {
         self
     }
 
-    /// Backoff between transient failures: starts at `initial`, doubles up to `max`, with
-    /// equal jitter ([`eventful_core::Backoff`]; default 100 ms → 30 s).
-    pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff = Backoff::new(initial, max.max(initial));
+    /// Backoff between transient failures: starts at `base`, doubles up to `max`, with
+    /// equal jitter ([`Backoff`]; default 100 ms → 30 s; a `max` below `base` is raised to it).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff.with_max(backoff.max.max(backoff.base));
         self
     }
 

@@ -195,9 +195,9 @@ impl ProcessedStore for InMemoryStore {
         &self,
         consumer: &str,
         age: Duration,
-        batch_size: u32,
+        batch_size: usize,
     ) -> Result<u64, Error> {
-        let batch = batch_size.max(1) as usize;
+        let batch = batch_size.max(1);
         let now = Instant::now();
         let mut total = 0u64;
         loop {

@@ -66,6 +66,6 @@ pub trait ProcessedStore: Send + Sync + 'static {
         &self,
         consumer: &str,
         age: Duration,
-        batch_size: u32,
+        batch_size: usize,
     ) -> Result<u64, Error>;
 }

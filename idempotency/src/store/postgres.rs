@@ -66,10 +66,10 @@ pub(crate) async fn purge_older_than(
     pool: &PgPool,
     consumer: &str,
     age: Duration,
-    batch_size: u32,
+    batch_size: usize,
 ) -> Result<u64, Error> {
     let age_micros = i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
-    let batch = i64::from(batch_size.max(1));
+    let batch = i64::try_from(batch_size.max(1)).unwrap_or(i64::MAX);
     let mut total = 0;
     loop {
         let deleted = sqlx::query(
@@ -153,7 +153,7 @@ impl ProcessedStore for PostgresStore {
         &self,
         consumer: &str,
         age: Duration,
-        batch_size: u32,
+        batch_size: usize,
     ) -> Result<u64, Error> {
         purge_older_than(&self.pool, consumer, age, batch_size).await
     }

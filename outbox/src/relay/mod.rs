@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
-use sqlx::{PgPool, Row as _};
+use sqlx::PgPool;
 use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use eventful_core::Backoff;
 
+use crate::event::RecordRow;
 use crate::metrics::RelayMetricsHandle;
 use crate::{Error, Outbox, OutboxRecord, Publisher};
 use lease::Leases;
@@ -93,9 +94,9 @@ impl RelayBuilder {
     }
 
     /// Retry delays of a failing event: `base · 2^(n-1)` capped at `max`, with equal jitter
-    /// ([`eventful_core::Backoff`]; defaults 100 ms, 30 s).
-    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.config.backoff = Backoff::new(base, max);
+    /// ([`Backoff`]; default 100 ms → 30 s).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
         self
     }
 
@@ -367,29 +368,13 @@ impl Relay {
         // Only partitions whose lease has at least ttl/4 left: one renewal interval, so a
         // heartbeat that is late by up to half the TTL does not stall publishing.
         let margin_ms = self.config.lease_ttl.as_secs_f64() * 1000.0 / 4.0;
-        let rows = sqlx::query(&sql.fetch)
+        let rows: Vec<RecordRow> = sqlx::query_as(&sql.fetch)
             .bind(self.id)
             .bind(margin_ms)
             .bind(self.config.batch_size as i64)
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let headers: String = row.try_get("headers")?;
-                Ok(OutboxRecord {
-                    seq: row.try_get("seq")?,
-                    id: row.try_get("id")?,
-                    topic: row.try_get("topic")?,
-                    key: row.try_get("key")?,
-                    event_type: row.try_get("event_type")?,
-                    payload: row.try_get("payload")?,
-                    content_type: row.try_get("content_type")?,
-                    headers: serde_json::from_str(&headers)?,
-                    created_at: row.try_get("created_at")?,
-                    attempts: row.try_get("attempts")?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(OutboxRecord::try_from).collect()
     }
 
     async fn run_batch(&self) -> Result<BatchOutcome, Error> {

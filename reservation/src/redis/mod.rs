@@ -322,10 +322,10 @@ impl RedisReservationsBuilder {
         self
     }
 
-    /// Backoff between attempts: starts at `min`, doubles up to `max`, with equal jitter
-    /// ([`eventful_core::Backoff`]; default 20 ms–1 s).
-    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.retry_backoff = Backoff::new(min, max.max(min));
+    /// Backoff between attempts: starts at `base`, doubles up to `max`, with equal jitter
+    /// ([`Backoff`]; default 20 ms → 1 s; a `max` below `base` is raised to it).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.retry_backoff = backoff.with_max(backoff.max.max(backoff.base));
         self
     }
 

@@ -177,7 +177,10 @@ pub fn coordinator(
         .reply_topic(REPLIES)
         .saga(checkout(timeout, compensation_timeout))
         .scan_interval(scan_interval)
-        .compensation_retry_backoff(Duration::from_millis(50))
+        .backoff(eventful_saga::Backoff::new(
+            Duration::from_millis(50),
+            Duration::MAX,
+        ))
         .build()
         .unwrap()
 }
