@@ -6,7 +6,7 @@
 //! `#[tokio::test]` per function:
 //!
 //! ```
-//! use eventful_idempotency::InMemoryStore;
+//! use eventful_idempotency::store::InMemoryStore;
 //!
 //! eventful_idempotency::contract_tests!(async { InMemoryStore::new() });
 //! # fn main() {}
@@ -45,7 +45,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::{Processed, ProcessedStore};
+use crate::store::ProcessedStore;
+use crate::Processed;
 
 fn consumer() -> String {
     format!("contract-{}", Uuid::new_v4().simple())

@@ -1,79 +1,18 @@
-//! Exactly-once **effects** for at-least-once consumers and retried HTTP requests.
+#![doc = include_str!("../README.md")]
 //!
-//! Kafka delivers every event at least once, and clients retry requests: this crate makes
-//! each one take effect once, by recording it in the same PostgreSQL transaction as its
-//! effects.
-//!
-//! ```no_run
-//! use eventful_idempotency::{
-//!     async_trait, CancellationToken, ConsumerOptions, EventHandler, EventMeta, HandlerError,
-//!     InboxConsumer,
-//! };
-//!
-//! #[derive(serde::Deserialize)]
-//! struct OrderPlaced { order_id: uuid::Uuid, total_cents: i64 }
-//!
-//! struct Invoice;
-//!
-//! #[async_trait]
-//! impl EventHandler for Invoice {
-//!     type Payload = OrderPlaced;
-//!     async fn handle(&self, tx: &mut sqlx::PgConnection, _event: &EventMeta, order: OrderPlaced)
-//!         -> Result<(), HandlerError> {
-//!         sqlx::query("INSERT INTO invoices (order_id, cents) VALUES ($1, $2)")
-//!             .bind(order.order_id).bind(order.total_cents)
-//!             .execute(&mut *tx).await?;
-//!         Ok(())
-//!     }
-//! }
-//!
-//! # async fn run() -> Result<(), eventful_idempotency::Error> {
-//! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/shop").await?;
-//! eventful_idempotency::migrate(&pool).await?;
-//! let options = ConsumerOptions::new("127.0.0.1:9092", "billing", "billing");
-//! let inbox = InboxConsumer::builder(options, pool)
-//!     .topic("orders")
-//!     .handler("OrderPlaced", Invoice)
-//!     .build()?;
-//! let cancel = CancellationToken::new();
-//! let task = inbox.spawn(cancel.clone());
-//! // ... on shutdown:
-//! cancel.cancel();
-//! task.await.ok();
-//! # Ok(()) }
-//! ```
-//!
-//! Three pieces:
-//! - [`ProcessedEvents`], the guard: `check_and_record(&mut tx, event_id)` inside your own
-//!   transaction answers [`Processed::First`] or [`Processed::Duplicate`]. Usable without
-//!   Kafka (any transport that carries an event id).
-//! - [`InboxConsumer`] (feature `kafka`, default): a Kafka consumer runtime around the guard
-//!   with typed handlers registered per event type, dead letters and graceful shutdown.
-//! - [`IdempotencyLayer`] (feature `axum`): `Idempotency-Key` handling for HTTP APIs.
-//!
-//! # Wire contract (what the consumer parses)
+//! ## Wire contract (what the consumer parses)
 //! One Kafka message per event, as written by `eventful-outbox`: key = the event's ordering
 //! key; payload = the event bytes; headers `event-id` (UUID), `event-type`, `content-type`
 //! (`application/json` or `application/octet-stream`) plus any user headers.
 //!
-//! # Guarantees
-//! - **Effects once per event and consumer name**: the guard's row and the handler's writes
-//!   commit in one transaction; a redelivery finds the row and applies nothing. Two
-//!   deliveries racing on two connections: the second waits on the primary key and sees
-//!   `Duplicate` (or `First` if the first rolled back), never both `First`.
-//! - **At-least-once consumption**: an offset is stored only after its transaction
-//!   committed (or the message was dead-lettered / skipped); librdkafka commits stored
-//!   offsets periodically, for revoked partitions on rebalance, and on close.
-//! - **Order per partition**: one worker per partition, one message at a time; a transient
-//!   failure blocks its partition (retried with exponential backoff and jitter) but not the
-//!   others.
-//! - **HTTP**: for one key, scope and request, the handler runs at most once per TTL: any
-//!   response it gave (5xx included) is replayed; a request that did not answer (timeout,
-//!   disconnect, panic, crash) is reported as abandoned, not run again. Only `429` and
-//!   responses marked [`http::ReleaseKey`] free the key. Concurrent retries get `409`,
-//!   different requests `422`.
+//! ## The `ProcessedStore` seam
+//! The runtime, the saga coordinator and the HTTP layer call PostgreSQL directly, on
+//! purpose: the guard's record must share the handler's `sqlx` transaction. The
+//! [`store::ProcessedStore`] trait, its [`store::InMemoryStore`] twin and the contract suite
+//! serve embedded use without PostgreSQL and tests, and prove the guard's SQL
+//! ([`store::PostgresStore`] runs the same statements); see [`store`].
 //!
-//! # Failure modes
+//! ## Failure modes
 //! | failure | what happens |
 //! |---|---|
 //! | crash after COMMIT, before the offset commit | redelivered, guard says `Duplicate`, nothing applied |
@@ -115,7 +54,6 @@ pub use retention::Retention;
 
 /// Re-exported so handler implementations need no extra dependency.
 pub use async_trait::async_trait;
-pub use store::{InMemoryStore, PostgresStore, ProcessedStore};
 /// Re-exported: the consumer runtime and the retention task take one.
 pub use tokio_util::sync::CancellationToken;
 

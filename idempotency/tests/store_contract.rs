@@ -2,13 +2,13 @@
 //! and the in-memory twin; then the guard's own guarantees on PostgreSQL.
 
 mod in_memory {
-    use eventful_idempotency::InMemoryStore;
+    use eventful_idempotency::store::InMemoryStore;
 
     eventful_idempotency::contract_tests!(async { InMemoryStore::new() });
 }
 
 mod postgres {
-    use eventful_idempotency::PostgresStore;
+    use eventful_idempotency::store::PostgresStore;
     use eventful_test_support::TestDatabase;
 
     async fn store() -> PostgresStore {

@@ -1,54 +1,6 @@
-//! Transactional outbox for PostgreSQL with an ordered, crash-safe relay to Kafka.
+#![doc = include_str!("../README.md")]
 //!
-//! **Delivery semantics: at least once, in commit order per key.** An event recorded in a
-//! transaction is published if and only if that transaction commits; a published event may
-//! be published again after a crash (consumers deduplicate by the `event-id` header, see
-//! `eventful-idempotency`).
-//!
-//! ```no_run
-//! use eventful_outbox::{CancellationToken, KafkaPublisher, NewEvent, Outbox, Relay};
-//!
-//! # async fn demo(pool: sqlx::PgPool) -> Result<(), eventful_outbox::Error> {
-//! let outbox = Outbox::new(); // table public.eventful_outbox
-//! outbox.migrate(&pool).await?;
-//!
-//! let mut tx = pool.begin().await?;
-//! // ... the service's own writes on `&mut *tx` ...
-//! let event = NewEvent::json("orders", "order-42", "OrderPlaced", &serde_json::json!({"total": 99}))?;
-//! outbox.record(&mut *tx, event).await?;
-//! tx.commit().await?; // the event exists if and only if this commits
-//!
-//! let cancel = CancellationToken::new();
-//! let relay = Relay::builder(pool.clone(), outbox, KafkaPublisher::new("127.0.0.1:9092")?)
-//!     .batch_size(500)
-//!     .build()?;
-//! let handle = relay.spawn(cancel.clone());
-//! // ... on shutdown:
-//! cancel.cancel();
-//! handle.await.ok();
-//! # Ok(()) }
-//! ```
-//!
-//! # Guarantees
-//!
-//! Each is tested against the real PostgreSQL and the Kafka broker (`tests/`).
-//!
-//! 1. **Atomic with the business change.** [`Outbox::record`] writes into the caller's
-//!    transaction: a rolled-back transaction's events are never published, a committed
-//!    transaction's events are.
-//! 2. **Nothing lost.** A row is marked published only after the broker acknowledged it
-//!    (Kafka delivery report, `acks=all`, idempotent producer). A relay that dies between
-//!    the acknowledgement and the mark leaves the row pending; it is published again.
-//! 3. **Per-key commit order**, also with several relays and across relay crashes: for one
-//!    key, the first occurrences of events in the topic are in the order their transactions
-//!    committed.
-//! 4. **No concurrent double publishing between live relays, bounded takeover.** Each
-//!    partition is published by at most one relay holding a valid lease; a dead relay's
-//!    partitions are taken over after about `lease_ttl + lease_ttl/4` (default 12.5 s).
-//! 5. **Outages are ridden out.** Failed events are retried with exponential backoff and
-//!    jitter per key; events accumulate meanwhile and drain in order afterwards.
-//!
-//! # Design
+//! ## Design
 //!
 //! **Sequence order is not commit order** — a `BIGSERIAL` taken by a transaction that
 //! commits later may appear after a relay has looked past it. So:
@@ -118,7 +70,7 @@
 //! [`OutboxBuilder::traceparent_source`] (for example one that formats the current
 //! OpenTelemetry span context); `record` adds it to events that have none.
 //!
-//! # Failure modes
+//! ## Failure modes
 //!
 //! | What fails | What happens |
 //! |---|---|

@@ -1,50 +1,6 @@
-//! Inventory reservations on Redis that never oversell and never lose stock.
+#![doc = include_str!("../README.md")]
 //!
-//! ```no_run
-//! use std::{sync::Arc, time::Duration};
-//! use eventful_reservation::{RedisReservations, Reaper, ReservationStore};
-//! use tokio_util::sync::CancellationToken;
-//!
-//! # async fn demo() -> Result<(), eventful_reservation::Error> {
-//! let store = RedisReservations::builder("redis://127.0.0.1:6379").namespace("eu-1").connect().await?;
-//! store.set_stock("sku-42", 10).await?;
-//! store.set_stock("sku-7", 3).await?;
-//! let reaper = Reaper::new(Arc::new(store.clone())).spawn(CancellationToken::new());
-//! // Hold 2 items for 15 minutes; the order id makes retries safe.
-//! let hold = store.reserve("order-7", &[("sku-42", 2), ("sku-7", 1)], Duration::from_secs(900)).await?;
-//! store.confirm(&hold.id).await?; // payment went through: the hold becomes a sale
-//! # drop(reaper); Ok(()) }
-//! ```
-//!
-//! # Guarantees
-//!
-//! - **No oversell.** Each operation is one Lua script, atomic on the server: a hold is
-//!   taken only if every item is available, so `available` never goes below zero.
-//! - **No lost stock.** For each SKU `available + held + sold` only changes through
-//!   [`set_stock`](ReservationStore::set_stock) / [`adjust_stock`](ReservationStore::adjust_stock).
-//!   A hold ends exactly once, as confirmed, released or expired.
-//! - **All or nothing.** If one item is short, nothing is held and
-//!   [`Error::InsufficientStock`] names the SKU, the requested and available quantities.
-//! - **Bounded, exact quantities.** A SKU's `available + held + sold` never exceeds
-//!   [`MAX_STOCK`] (2^53 − 1): `set_stock`/`adjust_stock` refuse with
-//!   [`Error::StockLimit`] and change nothing, so every number is exact in Lua and no
-//!   script can overflow after its first write. A stored level beyond the limit (written
-//!   by hand, or before the limit existed) is refused whole the same way, never
-//!   half-updated; `set_stock` repairs it.
-//! - **Idempotent by reservation id.** Reserving a known id returns the existing
-//!   reservation and holds nothing more; confirm and release twice report the state
-//!   again; confirm after release or expiry is refused ([`Error::AlreadyReleased`],
-//!   [`Error::Expired`]). Every call can therefore be retried with the same id after a
-//!   timeout, and the Redis backend does so itself on connection errors (bounded).
-//! - **Expiry returns stock.** Deadlines live in a sorted set; [`Reaper`] (any number of
-//!   them, in any number of processes) returns expired holds in bounded batches. A
-//!   confirm checks the deadline in the same script, so a confirm racing the expiry
-//!   resolves to exactly one of them. Deadlines use the Redis server's clock (`TIME`),
-//!   never the clients'.
-//! - Final reservations are kept for a retention period (default 7 days) so late retries
-//!   see the outcome; after that the id is unknown ([`Error::ReservationNotFound`]).
-//!
-//! # Key layout and Redis Cluster
+//! ## Key layout and Redis Cluster
 //!
 //! ```text
 //! <prefix>{<namespace>}:stock:<sku>  hash  available, held, sold
@@ -66,7 +22,7 @@
 //! `RedisReservations` talks to one node and does not follow `MOVED`/`ASK` redirects:
 //! point it at the node that owns the namespace's slot.
 //!
-//! # Failure modes
+//! ## Failure modes
 //!
 //! - **Connection loss, Redis restart.** The connection reconnects by itself
 //!   (`ConnectionManager`); failed calls are retried (same id) with backoff up to
@@ -118,6 +74,8 @@ pub use model::{
 };
 pub use reaper::{Reaper, DEFAULT_REAP_BATCH, DEFAULT_REAP_INTERVAL};
 pub use store::ReservationStore;
+/// Re-exported: [`Reaper::spawn`] takes one.
+pub use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisReservations, RedisReservationsBuilder};

@@ -40,10 +40,11 @@ pub enum Service {
     Notification,
 }
 
-/// Runs `services` in this process until SIGINT/SIGTERM, then shuts down gracefully.
+/// Runs `services` in this process until SIGINT/SIGTERM, then shuts down gracefully. The
+/// settings come from the command line and the environment (`--help` lists them).
 pub async fn run(services: &[Service]) -> anyhow::Result<()> {
+    let settings = config::Settings::from_args_and_env();
     infra::init_tracing();
-    let settings = config::Settings::from_env()?;
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
     for service in services {

@@ -1,9 +1,42 @@
-//! The guard's storage seam: one trait, a PostgreSQL backend and an in-memory twin.
+//! The guard's storage seam, for code that owns its transactions through the store: one
+//! trait, a PostgreSQL backend and an in-memory twin.
 //!
-//! [`ProcessedEvents`](crate::ProcessedEvents) is the PostgreSQL guard applications use
-//! inside their own transactions. [`ProcessedStore`] abstracts the same operations over a
-//! backend-specific transaction so unit tests can run on [`InMemoryStore`]; both backends pass
-//! the same contract suite (`eventful_idempotency::contract`, feature `test-utils`).
+//! **Where it is used, and where it is not.** The consumer runtime
+//! (`InboxConsumer`), the saga coordinator and your own handlers
+//! use [`ProcessedEvents`](crate::ProcessedEvents) directly on a `sqlx` transaction, and the
+//! HTTP layer keeps its own table of idempotency keys. That is deliberate: the guarantee is
+//! that the guard's row and the handler's writes commit in **one** PostgreSQL transaction,
+//! and a handler writes through `&mut PgConnection`; a trait with its own transaction type
+//! cannot share that transaction without being PostgreSQL-only again, so routing the
+//! runtime through it would add a layer and prove nothing.
+//!
+//! What the seam is for:
+//! - **Embedded use without PostgreSQL**: a process whose state lives in memory (a cache
+//!   filler, a projection rebuilt at start) deduplicates deliveries with [`InMemoryStore`],
+//!   which has PostgreSQL's visibility and blocking rules (a racing record waits for the
+//!   holder's transaction, then answers `Duplicate` or `First`).
+//! - **Tests of code written against [`ProcessedStore`]**, with no database.
+//! - **Proving the guard's SQL.** [`PostgresStore`] runs the very statements
+//!   `ProcessedEvents` runs (the same functions), so the contract suite
+//!   ([`crate::contract`], feature `test-utils`) that both backends pass checks the SQL the
+//!   runtime relies on, racing deliveries included.
+//!
+//! ```
+//! use eventful_idempotency::store::{InMemoryStore, ProcessedStore};
+//! use eventful_idempotency::Processed;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), eventful_idempotency::Error> {
+//! let store = InMemoryStore::new();
+//! let event_id = uuid::Uuid::now_v7();
+//! for delivery in 1..=2 {
+//!     let mut tx = store.begin().await?;
+//!     let seen = store.check_and_record(&mut tx, "projection", event_id).await?;
+//!     assert_eq!(seen, if delivery == 1 { Processed::First } else { Processed::Duplicate });
+//!     store.commit(tx).await?;
+//! }
+//! # Ok(()) }
+//! ```
 
 use std::time::Duration;
 
