@@ -232,4 +232,13 @@ mod command_line_tests {
             .to_string();
         assert!(error.contains("COMMERCE_DATABASE_PREFIX"), "{error}");
     }
+
+    #[test]
+    fn an_empty_variable_counts_as_unset() {
+        // Only this test touches the variable; the others ignore its value.
+        std::env::set_var("COMMERCE_GROUP_PREFIX", "");
+        let settings = Settings::from_env().unwrap();
+        std::env::remove_var("COMMERCE_GROUP_PREFIX");
+        assert_eq!(settings.group_prefix, "commerce");
+    }
 }
