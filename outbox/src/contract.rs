@@ -21,7 +21,9 @@
 //! # fn main() {}
 //! ```
 //!
-//! The guarantees checked are those the relay relies on, listed on [`Publisher`].
+//! The guarantees checked are those the relay relies on, listed on [`Publisher`]. The macro
+//! expands to `#[tokio::test(flavor = "multi_thread")]` functions: the test crate needs
+//! `tokio` with the `macros` and `rt-multi-thread` features.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
@@ -68,7 +70,8 @@ macro_rules! contract_tests {
 }
 
 /// What one contract test needs: built fresh for each test by the factory given to
-/// [`contract_tests!`](crate::contract_tests).
+/// [`contract_tests!`](crate::contract_tests). Built by backend tests with a struct
+/// literal, so deliberately not `#[non_exhaustive]`.
 #[derive(Debug)]
 pub struct Fixture<P, R> {
     /// The publisher under test.
@@ -83,7 +86,8 @@ pub struct Fixture<P, R> {
     pub poison: Vec<u8>,
 }
 
-/// A message as read back from the broker.
+/// A message as read back from the broker (built by a [`Readback`] with a struct literal,
+/// so deliberately not `#[non_exhaustive]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wire {
     /// The message key (the event key).

@@ -189,7 +189,7 @@ impl IdempotencyLayer {
     }
 
     /// Deletes expired keys, `batch_size` rows per statement; returns how many.
-    pub async fn purge_expired(&self, batch_size: u32) -> Result<u64, Error> {
+    pub async fn purge_expired(&self, batch_size: usize) -> Result<u64, Error> {
         store::purge_expired(&self.config.pool, batch_size).await
     }
 }

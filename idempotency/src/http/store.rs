@@ -206,8 +206,8 @@ pub(crate) async fn release(
     Ok(())
 }
 
-pub(crate) async fn purge_expired(pool: &PgPool, batch_size: u32) -> Result<u64, Error> {
-    let batch = i64::from(batch_size.max(1));
+pub(crate) async fn purge_expired(pool: &PgPool, batch_size: usize) -> Result<u64, Error> {
+    let batch = i64::try_from(batch_size.max(1)).unwrap_or(i64::MAX);
     let mut total = 0;
     loop {
         let deleted = sqlx::query(
