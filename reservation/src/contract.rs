@@ -743,7 +743,10 @@ pub async fn batch_mixed_outcomes(store: &dyn ReservationStore) {
                 available,
             }) => {
                 assert_eq!((sku.as_str(), requested), ("hot", qty), "{id}");
-                assert!(available < requested, "{id}: refused with {available} available");
+                assert!(
+                    available < requested,
+                    "{id}: refused with {available} available"
+                );
                 assert_eq!(record, None, "{id}: refused but recorded");
                 refused.push(available);
             }
@@ -756,7 +759,10 @@ pub async fn batch_mixed_outcomes(store: &dyn ReservationStore) {
     }
     let hot = level(store, "hot").await;
     assert_eq!(hot, StockLevel::new(10 - held_hot, held_hot, 0));
-    assert!(held_hot > 0 && !refused.is_empty(), "no mix: {held_hot} held, {refused:?}");
+    assert!(
+        held_hot > 0 && !refused.is_empty(),
+        "no mix: {held_hot} held, {refused:?}"
+    );
     // Stock only went down, so each refusal saw at least what is left now.
     assert!(
         refused.iter().all(|&available| available >= hot.available),

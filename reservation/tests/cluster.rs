@@ -50,7 +50,10 @@ async fn serial_cluster_namespaces_spread_over_three_masters() {
             let stock_key = store.stock_key("hot");
             assert_eq!(cluster.node_of(&stock_key).await, *node, "{namespace}");
             let exists: i64 = cluster.command(*node, &["EXISTS", &stock_key]).await;
-            assert_eq!(exists, 1, "{namespace}: {stock_key} is not on master {node}");
+            assert_eq!(
+                exists, 1,
+                "{namespace}: {stock_key} is not on master {node}"
+            );
 
             // 60 calls at once on 50 units (coalesced): 50 held, 10 refused.
             let calls = (0..60).map(|i| {
@@ -100,7 +103,11 @@ async fn serial_cluster_namespaces_spread_over_three_masters() {
                 .spawn(cancel.clone());
             for i in 0..10 {
                 store
-                    .reserve(&format!("short{i}"), &[("hot", 1)], Duration::from_millis(50))
+                    .reserve(
+                        &format!("short{i}"),
+                        &[("hot", 1)],
+                        Duration::from_millis(50),
+                    )
                     .await
                     .unwrap();
             }
@@ -114,7 +121,11 @@ async fn serial_cluster_namespaces_spread_over_three_masters() {
             )
             .await;
             for i in 0..10 {
-                let r = store.reservation(&format!("short{i}")).await.unwrap().unwrap();
+                let r = store
+                    .reservation(&format!("short{i}"))
+                    .await
+                    .unwrap()
+                    .unwrap();
                 assert_eq!(r.state, ReservationState::Expired, "{namespace}");
             }
             (reaper, namespace.clone())
@@ -123,7 +134,9 @@ async fn serial_cluster_namespaces_spread_over_three_masters() {
     let reapers = futures::future::join_all(runs).await;
     cancel.cancel();
     for (reaper, namespace) in reapers {
-        reaper.await.unwrap_or_else(|e| panic!("{namespace}: reaper: {e}"));
+        reaper
+            .await
+            .unwrap_or_else(|e| panic!("{namespace}: reaper: {e}"));
     }
     // Every master held some namespace's keys.
     for node in 0..3 {

@@ -132,11 +132,7 @@ async fn serial_busy_server_gives_every_caller_a_retryable_error() {
     let waiting: Vec<_> = (0..16)
         .map(|i| {
             let retrying = retrying.clone();
-            tokio::spawn(async move {
-                retrying
-                    .reserve(&format!("w{i}"), &[("a", 1)], HOUR)
-                    .await
-            })
+            tokio::spawn(async move { retrying.reserve(&format!("w{i}"), &[("a", 1)], HOUR).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -206,9 +202,11 @@ async fn serial_restart_mid_batch_answers_every_caller() {
         })
         .collect();
     let acked = || acknowledged.load(Ordering::Relaxed);
-    wait_until("holds are acknowledged", Duration::from_secs(30), || async {
-        acked() > 2000
-    })
+    wait_until(
+        "holds are acknowledged",
+        Duration::from_secs(30),
+        || async { acked() > 2000 },
+    )
     .await;
     server.restart().await;
     let before = acked();

@@ -332,17 +332,23 @@ impl RedisCluster {
             _dir: dir,
         };
         for &port in &cluster.ports {
-            wait_until(
-                "a cluster node listens",
-                Duration::from_secs(20),
-                || port_open(port),
-            )
+            wait_until("a cluster node listens", Duration::from_secs(20), || {
+                port_open(port)
+            })
             .await;
         }
         for i in 0..masters {
             let last = cluster.firsts.get(i + 1).map_or(16383, |next| next - 1);
             let _: () = cluster
-                .command(i, &["CLUSTER", "ADDSLOTSRANGE", &cluster.firsts[i].to_string(), &last.to_string()])
+                .command(
+                    i,
+                    &[
+                        "CLUSTER",
+                        "ADDSLOTSRANGE",
+                        &cluster.firsts[i].to_string(),
+                        &last.to_string(),
+                    ],
+                )
                 .await;
         }
         for &port in &cluster.ports[1..] {
