@@ -947,6 +947,8 @@ fn print_table(ceiling: &BTreeMap<usize, Ceiling>) {
         let results = RESULTS.lock().unwrap();
         let mut ids: Vec<String> = results
             .keys()
+            // The coalesced and cluster rows have their own tables below.
+            .filter(|id| !id.starts_with("coalesced/") && !id.starts_with("cluster/"))
             .filter_map(|id| id.rsplit_once('/').map(|(base, _)| base.to_owned()))
             .collect();
         ids.dedup();
