@@ -34,6 +34,21 @@
 //! The PostgreSQL `UPDATE` is one atomic hold, so compare it with `reserve`;
 //! `reserve_confirm` is two round trips (a PostgreSQL flow with a confirm would be too).
 //!
+//! Coalescing (`coalesced` group and table): `RedisReservations::reserve` with request
+//! coalescing on (concurrent calls of a namespace sent as one batch script) at 1, 16, 64
+//! and 256 in flight, next to the same call with coalescing off (one script per call),
+//! `redis-benchmark -c 1 -P K` running the single reserve script (the one-script-per-call
+//! ceiling) and the PostgreSQL hot-row `UPDATE` with K connections, all measured in the
+//! same rounds (median of `BENCH_ROUNDS`), with p50 / p99 latency per call. The rows of
+//! the other groups use a store with coalescing off, so they stay comparable with
+//! earlier runs.
+//!
+//! Redis Cluster (`cluster` group and table): reserve, coalesced, on a hot SKU in each of
+//! 6 namespaces with 64 calls in flight per namespace, on a private local cluster of 1
+//! master and of 3 masters (two namespaces per master, placed by their hash tag's slot);
+//! the ratio is the scale-out. On a machine with fewer cores than masters + client the
+//! masters share cores, which caps it.
+//!
 //! Knobs: `BENCH_THREADS` (Tokio workers, default 1; 0 = current-thread runtime),
 //! `BENCH_CONNECTIONS` (multiplexed Redis connections, default 1), `BENCH_ROUNDS`
 //! (ceiling rounds, default 5). Criterion filters work as usual, e.g.
@@ -47,9 +62,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use eventful_reservation::{RedisReservations, ReservationStore};
-use eventful_test_support::{spare_port, TestDatabase};
+use eventful_test_support::{spare_port, RedisCluster, TestDatabase};
 
 const IN_FLIGHT: [usize; 3] = [1, 16, 64];
+const COALESCED_IN_FLIGHT: [usize; 4] = [1, 16, 64, 256];
 const SKUS: usize = 1000;
 const HOT: &str = "hot";
 const PLENTY: u64 = 1_000_000_000_000;
@@ -59,6 +75,8 @@ const RETENTION: Duration = Duration::from_secs(5);
 /// ops and time measured per benchmark id (summed over criterion's calls).
 static RESULTS: Mutex<BTreeMap<String, (u64, Duration)>> = Mutex::new(BTreeMap::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+/// The private Redis, for [`reset`].
+static ADMIN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn record(id: &str, ops: u64, elapsed: Duration) {
     let mut results = RESULTS.lock().unwrap();
@@ -131,7 +149,15 @@ fn all_skus() -> impl Iterator<Item = String> {
 /// Empties the private Redis and stocks every SKU again (see the header: runs from an
 /// unreset, growing keyspace are not comparable).
 async fn reset(store: &RedisReservations) {
-    let mut conn = store.connection();
+    // FLUSHALL of a few hundred thousand reservations can outlast the store's 1 s response
+    // timeout on a loaded machine: its own connection, without a timeout.
+    let url = ADMIN_URL.get().expect("admin url");
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = redis::Client::open(url.as_str())
+        .expect("admin client")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("admin connection");
     redis::cmd("FLUSHALL")
         .query_async::<()>(&mut conn)
         .await
@@ -187,6 +213,85 @@ async fn one(store: &RedisReservations, op: Op, hot: bool, items: usize) {
         Op::ReserveRelease => drop(store.release(&id).await.expect("release")),
         Op::Reserve => {}
     }
+}
+
+/// Like [`drive`], also returning every operation's latency.
+async fn drive_timed<F, Fut>(iters: u64, in_flight: usize, op: F) -> (Duration, Vec<Duration>)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let left = Arc::new(AtomicU64::new(iters));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (left, op) = (left.clone(), op.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let t = Instant::now();
+                    op().await;
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(iters as usize);
+    for task in tasks {
+        latencies.extend(task.await.expect("bench task"));
+    }
+    (start.elapsed(), latencies)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// One contender in the coalescing comparison: ops/s and latency per call, per round.
+#[derive(Default)]
+struct Rounds {
+    rates: Vec<f64>,
+    p50: Vec<Duration>,
+    p99: Vec<Duration>,
+}
+
+impl Rounds {
+    fn push(&mut self, ops: u64, elapsed: Duration, mut latencies: Vec<Duration>) {
+        latencies.sort();
+        self.rates.push(ops as f64 / elapsed.as_secs_f64());
+        self.p50.push(percentile(&latencies, 0.50));
+        self.p99.push(percentile(&latencies, 0.99));
+    }
+
+    fn rate(&self) -> Option<f64> {
+        (!self.rates.is_empty()).then(|| median(self.rates.clone()))
+    }
+
+    fn latency(&self) -> Option<(Duration, Duration)> {
+        let med = |v: &[Duration]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v[v.len() / 2]
+        };
+        (!self.p50.is_empty()).then(|| (med(&self.p50), med(&self.p99)))
+    }
+}
+
+/// The coalescing comparison at one K (medians over the rounds).
+#[derive(Default)]
+struct CoalescedRow {
+    coalesced: Rounds,
+    single: Rounds,
+    by_pipeline: Vec<f64>,
+    pg: Vec<f64>,
 }
 
 /// Runs `iters` operations with `in_flight` of them outstanding at any time (one task
@@ -376,16 +481,29 @@ fn main() {
     .build()
     .expect("runtime");
     let redis = PrivateRedis::start();
+    ADMIN_URL.set(redis.url()).expect("one private Redis");
     let store = rt.block_on(async {
         let store = RedisReservations::builder(redis.url().as_str())
             .namespace("bench")
             .retention(RETENTION)
             .connections(env("BENCH_CONNECTIONS", 1))
+            .coalesce(false)
             .connect()
             .await
             .expect("connect");
         reset(&store).await;
         store
+    });
+    // The same namespace with coalescing on (the library's default).
+    let coalesced = rt.block_on(async {
+        RedisReservations::builder(redis.url().as_str())
+            .namespace("bench")
+            .retention(RETENTION)
+            .connections(env("BENCH_CONNECTIONS", 1))
+            .coalesce(true)
+            .connect()
+            .await
+            .expect("connect")
     });
     let db = rt.block_on(async {
         let db = TestDatabase::create_with_pool_size(64).await;
@@ -515,6 +633,118 @@ fn main() {
     }
     group.finish();
 
+    // Coalescing: reserve on the hot SKU with coalescing on, against coalescing off, the
+    // one-script-per-call ceiling (redis-benchmark -c 1 -P K) and PostgreSQL, in the same
+    // rounds; latency per call for ours.
+    let mut coalesced_rows: BTreeMap<usize, CoalescedRow> = BTreeMap::new();
+    let mut group = c.benchmark_group("coalesced");
+    group.throughput(Throughput::Elements(1));
+    for k in COALESCED_IN_FLIGHT {
+        let id = format!("coalesced/reserve/hot/1item/{k}");
+        group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (store, id) = (coalesced.clone(), id.clone());
+                async move {
+                    reset(&store).await;
+                    let elapsed = drive(iters, k, move || {
+                        let store = store.clone();
+                        async move { one(&store, Op::Reserve, true, 1).await }
+                    })
+                    .await;
+                    record(&id, iters, elapsed);
+                    elapsed
+                }
+            })
+        });
+        if ops_per_sec(&id).is_none() {
+            continue; // filtered out
+        }
+        let ops: u64 = if k == 1 { 20_000 } else { 100_000 };
+        let timed = |store: &RedisReservations| {
+            let handle = store.clone();
+            rt.block_on(async {
+                reset(store).await;
+                drive_timed(ops, k, move || {
+                    let store = handle.clone();
+                    async move { one(&store, Op::Reserve, true, 1).await }
+                })
+                .await
+            })
+        };
+        let pg_ops: u64 = if k == 1 { 2_000 } else { 4_000 };
+        let pg_run = || {
+            let pool = db.pool.clone();
+            rt.block_on(async move {
+                let elapsed = drive(pg_ops, k, move || {
+                    let pool = pool.clone();
+                    async move { pg_reserve(&pool).await }
+                })
+                .await;
+                pg_ops as f64 / elapsed.as_secs_f64()
+            })
+        };
+        let row = coalesced_rows.entry(k).or_default();
+        for round in 0..rounds {
+            for turn in 0..4 {
+                match (round + turn) % 4 {
+                    0 => {
+                        let (elapsed, latencies) = timed(&coalesced);
+                        row.coalesced.push(ops, elapsed, latencies);
+                    }
+                    1 => {
+                        let (elapsed, latencies) = timed(&store);
+                        row.single.push(ops, elapsed, latencies);
+                    }
+                    2 => {
+                        rt.block_on(reset(&store));
+                        row.by_pipeline
+                            .push(redis_benchmark(&redis, &store, 1, k, ops));
+                    }
+                    // The pool has 64 connections: K=256 would only queue on it.
+                    _ if k <= 64 => row.pg.push(pg_run()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    group.finish();
+
+    // Scale-out on a local Redis Cluster: 6 namespaces on 1 master vs on 3 masters.
+    let mut cluster_rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut group = c.benchmark_group("cluster");
+    group.throughput(Throughput::Elements(1));
+    for masters in CLUSTER_MASTERS {
+        let id = format!("cluster/reserve/hot/{masters}masters");
+        // Started only if the filter selects the row (criterion calls the closure then).
+        let stores: Mutex<Option<(RedisCluster, Vec<RedisReservations>)>> = Mutex::new(None);
+        group.bench_function(BenchmarkId::from_parameter(&id), |b| {
+            if stores.lock().unwrap().is_none() {
+                *stores.lock().unwrap() = Some(rt.block_on(cluster_stores(masters)));
+            }
+            let namespaces = stores.lock().unwrap().as_ref().unwrap().1.clone();
+            b.to_async(&rt).iter_custom(|iters| {
+                let (namespaces, id) = (namespaces.clone(), id.clone());
+                async move {
+                    let elapsed = drive_namespaces(&namespaces, iters).await;
+                    record(&id, iters, elapsed);
+                    elapsed
+                }
+            })
+        });
+        let Some((_cluster, namespaces)) = stores.lock().unwrap().take() else {
+            continue; // filtered out
+        };
+        for _ in 0..rounds {
+            let ops = 60_000 * CLUSTER_NAMESPACES as u64;
+            let elapsed = rt.block_on(drive_namespaces(&namespaces, ops));
+            cluster_rates
+                .entry(masters)
+                .or_default()
+                .push(ops as f64 / elapsed.as_secs_f64());
+        }
+    }
+    group.finish();
+
     // The PostgreSQL alternative on the hot row.
     let mut group = c.benchmark_group("postgres");
     group.throughput(Throughput::Elements(1));
@@ -526,17 +756,7 @@ fn main() {
                 async move {
                     let elapsed = drive(iters, k, move || {
                         let pool = pool.clone();
-                        async move {
-                            let done = sqlx::query(
-                                "UPDATE stock SET available = available - $1 WHERE sku = $2 AND available >= $1",
-                            )
-                            .bind(1i64)
-                            .bind(HOT)
-                            .execute(&pool)
-                            .await
-                            .expect("update");
-                            assert_eq!(done.rows_affected(), 1);
-                        }
+                        async move { pg_reserve(&pool).await }
                     })
                     .await;
                     record(&id, iters, elapsed);
@@ -549,6 +769,161 @@ fn main() {
     c.final_summary();
 
     print_table(&ceiling);
+    print_coalesced(&coalesced_rows);
+    print_cluster(&cluster_rates);
+}
+
+const CLUSTER_MASTERS: [usize; 2] = [1, 3];
+const CLUSTER_NAMESPACES: usize = 6;
+const CLUSTER_IN_FLIGHT: usize = 64;
+
+/// A private cluster of `masters` and one coalescing store per namespace, the namespaces
+/// spread evenly over the masters (by their hash tag's slot), each with a stocked hot SKU.
+async fn cluster_stores(masters: usize) -> (RedisCluster, Vec<RedisReservations>) {
+    let cluster = RedisCluster::with_masters(masters).await;
+    let per_master = CLUSTER_NAMESPACES / masters;
+    let mut placed: Vec<(String, usize)> = Vec::new();
+    for n in 0.. {
+        let namespace = format!("bench-{n}");
+        let node = cluster.node_of(&format!("{{{namespace}}}")).await;
+        if placed.iter().filter(|(_, at)| *at == node).count() < per_master {
+            placed.push((namespace, node));
+        }
+        if placed.len() == CLUSTER_NAMESPACES {
+            break;
+        }
+    }
+    let mut stores = Vec::new();
+    for (namespace, _) in placed {
+        let store = RedisReservations::builder_cluster(cluster.urls())
+            .namespace(namespace)
+            .retention(RETENTION)
+            .connect()
+            .await
+            .expect("connect to the cluster");
+        store.set_stock(HOT, PLENTY).await.expect("set stock");
+        stores.push(store);
+    }
+    (cluster, stores)
+}
+
+/// `ops` reservations split over the namespaces, each with 64 in flight; the elapsed time.
+async fn drive_namespaces(stores: &[RedisReservations], ops: u64) -> Duration {
+    let share = ops.div_ceil(stores.len() as u64);
+    let start = Instant::now();
+    let runs: Vec<_> = stores
+        .iter()
+        .map(|store| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                drive(share, CLUSTER_IN_FLIGHT, move || {
+                    let store = store.clone();
+                    async move { one(&store, Op::Reserve, true, 1).await }
+                })
+                .await
+            })
+        })
+        .collect();
+    for run in runs {
+        run.await.expect("namespace run");
+    }
+    start.elapsed()
+}
+
+fn print_cluster(rates: &BTreeMap<usize, Vec<f64>>) {
+    if rates.is_empty() {
+        return;
+    }
+    println!(
+        "\nRedis Cluster: reserve, coalesced, hot SKU per namespace, {CLUSTER_NAMESPACES} namespaces x {CLUSTER_IN_FLIGHT} in flight (median of the rounds; ops/s)"
+    );
+    let rate = |m: usize| rates.get(&m).map(|v| median(v.clone()));
+    for m in CLUSTER_MASTERS {
+        if let Some(r) = rate(m) {
+            println!("  {m} master(s): {r:>10.0}");
+        }
+    }
+    if let (Some(one), Some(three)) = (rate(1), rate(3)) {
+        println!("  scale-out 1 -> 3 masters: {:.2}x", three / one);
+    }
+}
+
+/// The PostgreSQL alternative to one reservation: a guarded hot-row `UPDATE`.
+async fn pg_reserve(pool: &sqlx::PgPool) {
+    let done = sqlx::query(
+        "UPDATE stock SET available = available - $1 WHERE sku = $2 AND available >= $1",
+    )
+    .bind(1i64)
+    .bind(HOT)
+    .execute(pool)
+    .await
+    .expect("update");
+    assert_eq!(done.rows_affected(), 1);
+}
+
+fn print_coalesced(rows: &BTreeMap<usize, CoalescedRow>) {
+    if rows.is_empty() {
+        return;
+    }
+    let ks = COALESCED_IN_FLIGHT;
+    println!(
+        "\ncoalescing: reserve, 1 item, hot SKU (median of the rounds; same reservations from a reset keyspace)"
+    );
+    println!(
+        "{:<44} {:>13} {:>13} {:>13} {:>13}",
+        "K in flight", "K=1", "K=16", "K=64", "K=256"
+    );
+    let line = |label: &str, cell: &dyn Fn(&CoalescedRow) -> Option<String>| {
+        let cells: Vec<String> = ks
+            .iter()
+            .map(|k| rows.get(k).and_then(cell).unwrap_or_else(|| "-".to_owned()))
+            .collect();
+        println!(
+            "{label:<44} {:>13} {:>13} {:>13} {:>13}",
+            cells[0], cells[1], cells[2], cells[3]
+        );
+    };
+    let rate = |v: Option<f64>| v.map(|v| format!("{v:.0}"));
+    let lat = |l: Option<(Duration, Duration)>| {
+        l.map(|(p50, p99)| format!("{}/{}", p50.as_micros(), p99.as_micros()))
+    };
+    line("reserve, coalesced (ops/s)", &|r| rate(r.coalesced.rate()));
+    line("  p50/p99 per call (µs)", &|r| lat(r.coalesced.latency()));
+    line("reserve, one script per call (ops/s)", &|r| {
+        rate(r.single.rate())
+    });
+    line("  p50/p99 per call (µs)", &|r| lat(r.single.latency()));
+    line("redis-benchmark -c 1 -P K, same script", &|r| {
+        rate((!r.by_pipeline.is_empty()).then(|| median(r.by_pipeline.clone())))
+    });
+    line("PostgreSQL hot-row UPDATE, K connections", &|r| {
+        rate((!r.pg.is_empty()).then(|| median(r.pg.clone())))
+    });
+    println!("ratios:");
+    for (k, r) in rows {
+        let ours = r.coalesced.rate().unwrap_or(f64::NAN);
+        let ceiling = median(r.by_pipeline.clone());
+        let single = r.single.rate().unwrap_or(f64::NAN);
+        print!(
+            "  K={k:<3} coalesced: {:>5.2}x redis-benchmark -c 1 -P {k}, {:>5.2}x one script per call",
+            ours / ceiling,
+            ours / single
+        );
+        if !r.pg.is_empty() {
+            print!(", {:>6.1}x PostgreSQL", ours / median(r.pg.clone()));
+        }
+        println!();
+    }
+    if let (Some(c), Some(s)) = (
+        rows.get(&1).and_then(|r| r.coalesced.latency()),
+        rows.get(&1).and_then(|r| r.single.latency()),
+    ) {
+        println!(
+            "  K=1   latency cost of coalescing: p50 {:+} µs, p99 {:+} µs",
+            c.0.as_micros() as i64 - s.0.as_micros() as i64,
+            c.1.as_micros() as i64 - s.1.as_micros() as i64
+        );
+    }
 }
 
 fn print_table(ceiling: &BTreeMap<usize, Ceiling>) {
@@ -572,6 +947,8 @@ fn print_table(ceiling: &BTreeMap<usize, Ceiling>) {
         let results = RESULTS.lock().unwrap();
         let mut ids: Vec<String> = results
             .keys()
+            // The coalesced and cluster rows have their own tables below.
+            .filter(|id| !id.starts_with("coalesced/") && !id.starts_with("cluster/"))
             .filter_map(|id| id.rsplit_once('/').map(|(base, _)| base.to_owned()))
             .collect();
         ids.dedup();

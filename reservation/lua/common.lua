@@ -59,11 +59,11 @@ local function corrupt_reply(sku, raw)
   return {'corrupt', sku, raw[1] or '0', raw[2] or '0', raw[3] or '0'}
 end
 
--- Whether KEYS[first], KEYS[first + 1], ... are exactly the stock keys of `items_json`'s
--- SKUs, in order (the client declares them from the same canonical list).
-local function keys_match(first, stock_prefix, items_json)
+-- Whether the `n` keys KEYS[first], KEYS[first + 1], ... are exactly the stock keys of
+-- `items_json`'s SKUs, in order (the client declares them from the same canonical list).
+local function keys_match(first, n, stock_prefix, items_json)
   local ok, items = pcall(cjson.decode, items_json)
-  if not ok or type(items) ~= 'table' or #KEYS - first + 1 ~= #items / 2 then
+  if not ok or type(items) ~= 'table' or n ~= #items / 2 then
     return false
   end
   for i = 1, #items, 2 do

@@ -26,7 +26,7 @@ if stored[1] then
   -- A hold past its deadline that the reaper has not reached yet expires now, so the
   -- answer never shows a dead hold. Its items are the declared ones.
   if state == 'held' and now >= expires_at then
-    if not keys_match(3, stock_prefix, items_json) then
+    if not keys_match(3, #KEYS - 2, stock_prefix, items_json) then
       return redis.error_reply('reserve: the declared keys are not the items\' stock keys')
     end
     local corrupt = move_items(3, stored[2], 'available')

@@ -25,7 +25,7 @@ if state == 'held' then
   -- Reservations never change their items, but the id may have been forgotten (after
   -- its retention) and reused since the client's read: then the declared keys are not
   -- this record's.
-  if stored[2] ~= items_json or not keys_match(3, stock_prefix, items_json) then
+  if stored[2] ~= items_json or not keys_match(3, #KEYS - 2, stock_prefix, items_json) then
     return {'items_changed'}
   end
   local due = now_ms() >= expires_at

@@ -37,7 +37,10 @@ macro_rules! contract_tests {
             invalid_input,
             stock_limit_is_refused,
             overflowing_reserve_holds_nothing,
-            expiry_cannot_be_poisoned
+            expiry_cannot_be_poisoned,
+            batch_mixed_outcomes,
+            batch_duplicate_ids,
+            batch_concurrent_settlements
         );
     };
     (@each $factory:expr; $($name:ident),*) => {
@@ -700,4 +703,184 @@ pub async fn final_records_expire_after_retention(
         ReservationState::Held
     );
     assert_eq!(level(store, "a").await, StockLevel::new(8, 1, 1));
+}
+
+/// Many reservations at once on one hot SKU (a coalescing backend sends them as batches):
+/// each gets its own answer — held, refused for stock with the available count it was
+/// evaluated against, or refused for an unknown SKU of its own — and no refusal decides
+/// another call's outcome.
+pub async fn batch_mixed_outcomes(store: &dyn ReservationStore) {
+    store.set_stock("hot", 10).await.unwrap();
+    store.set_stock("other", 100).await.unwrap();
+    let calls = (0..40u64).map(|i| async move {
+        let id = format!("m{i}");
+        let qty = if i % 2 == 0 { 1 } else { 3 };
+        let items: Vec<(&str, u64)> = match i % 5 {
+            0 => vec![("hot", qty), ("ghost", 1)],
+            1 => vec![("hot", qty), ("other", 2)],
+            _ => vec![("hot", qty)],
+        };
+        let result = store.reserve(&id, &items, HOUR).await;
+        (i, id, qty, result)
+    });
+    let results = futures::future::join_all(calls).await;
+    let (mut held_hot, mut held_other, mut refused) = (0, 0, Vec::new());
+    for (i, id, qty, result) in results {
+        let record = store.reservation(&id).await.unwrap();
+        match result {
+            Ok(r) => {
+                assert_ne!(i % 5, 0, "{id}: held with an unknown SKU");
+                assert_eq!(r.state, ReservationState::Held, "{id}");
+                assert_eq!(record, Some(r), "{id}: the answer is not the record");
+                held_hot += qty;
+                if i % 5 == 1 {
+                    held_other += 2;
+                }
+            }
+            Err(Error::InsufficientStock {
+                sku,
+                requested,
+                available,
+            }) => {
+                assert_eq!((sku.as_str(), requested), ("hot", qty), "{id}");
+                assert!(
+                    available < requested,
+                    "{id}: refused with {available} available"
+                );
+                assert_eq!(record, None, "{id}: refused but recorded");
+                refused.push(available);
+            }
+            Err(Error::UnknownSku { sku }) => {
+                assert_eq!((sku.as_str(), i % 5), ("ghost", 0), "{id}");
+                assert_eq!(record, None, "{id}: refused but recorded");
+            }
+            other => panic!("{id}: unexpected {other:?}"),
+        }
+    }
+    let hot = level(store, "hot").await;
+    assert_eq!(hot, StockLevel::new(10 - held_hot, held_hot, 0));
+    assert!(
+        held_hot > 0 && !refused.is_empty(),
+        "no mix: {held_hot} held, {refused:?}"
+    );
+    // Stock only went down, so each refusal saw at least what is left now.
+    assert!(
+        refused.iter().all(|&available| available >= hot.available),
+        "a refusal reported less than is available now ({hot:?}): {refused:?}"
+    );
+    assert_eq!(
+        level(store, "other").await,
+        StockLevel::new(100 - held_other, held_other, 0)
+    );
+}
+
+/// One id sent many times at once (one batch, or several) is one reservation: every call
+/// gets it, nothing more is held; the same id with other items is a conflict; concurrent
+/// confirms and releases of one hold resolve to exactly one of them.
+pub async fn batch_duplicate_ids(store: &dyn ReservationStore) {
+    store.set_stock("a", 10).await.unwrap();
+    store.set_stock("b", 10).await.unwrap();
+    let same = (0..16).map(|i| async move {
+        let items: &[(&str, u64)] = if i % 2 == 0 {
+            &[("a", 2), ("b", 1)]
+        } else {
+            &[("b", 1), ("a", 1), ("a", 1)]
+        };
+        store.reserve("dup", items, HOUR).await
+    });
+    let results = futures::future::join_all(same).await;
+    let first = results[0].as_ref().unwrap().clone();
+    for result in &results {
+        assert_eq!(result.as_ref().unwrap(), &first);
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(8, 2, 0));
+    assert_eq!(level(store, "b").await, StockLevel::new(9, 1, 0));
+    // Across batches: a later retry is the same reservation.
+    assert_eq!(
+        store
+            .reserve("dup", &[("a", 2), ("b", 1)], HOUR)
+            .await
+            .unwrap(),
+        first
+    );
+
+    // One id, other items, at once: one of them holds, every other call conflicts.
+    let other = (0..8).map(|i| async move {
+        let items: &[(&str, u64)] = if i % 2 == 0 { &[("a", 1)] } else { &[("b", 1)] };
+        store.reserve("dup2", items, HOUR).await
+    });
+    let results = futures::future::join_all(other).await;
+    let held: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert!(!held.is_empty(), "{results:?}");
+    assert!(held.iter().all(|r| r.items == held[0].items), "{results:?}");
+    for result in &results {
+        assert!(
+            matches!(result, Ok(_) | Err(Error::IdConflict { .. })),
+            "{result:?}"
+        );
+    }
+    let (a, b) = (level(store, "a").await, level(store, "b").await);
+    assert_eq!(a.held + b.held, 4, "dup2 held more than once: {a:?} {b:?}");
+
+    // Confirms and releases of one hold at once: one outcome, and everyone agrees.
+    let settle = (0..10).map(|i| async move {
+        if i % 2 == 0 {
+            (true, store.confirm("dup").await)
+        } else {
+            (false, store.release("dup").await)
+        }
+    });
+    let results = futures::future::join_all(settle).await;
+    let confirmed = store.reservation("dup").await.unwrap().unwrap().state;
+    for (confirm, result) in &results {
+        match (confirmed, confirm, result) {
+            (ReservationState::Confirmed, true, Ok(r)) => {
+                assert_eq!(r.state, ReservationState::Confirmed)
+            }
+            (ReservationState::Confirmed, false, Err(Error::AlreadyConfirmed { .. })) => {}
+            (ReservationState::Released, false, Ok(r)) => {
+                assert_eq!(r.state, ReservationState::Released)
+            }
+            (ReservationState::Released, true, Err(Error::AlreadyReleased { .. })) => {}
+            other => panic!("disagreeing outcome: {other:?}"),
+        }
+    }
+    let sold = u64::from(confirmed == ReservationState::Confirmed);
+    let a = level(store, "a").await;
+    assert_eq!((a.total(), a.sold), (10, 2 * sold), "{a:?}");
+}
+
+/// Many confirms and releases at once, with duplicates and unknown ids among them: each
+/// gets its own answer and the stock agrees with them.
+pub async fn batch_concurrent_settlements(store: &dyn ReservationStore) {
+    store.set_stock("a", 100).await.unwrap();
+    let holds = (0..30).map(|i| async move {
+        store
+            .reserve(&format!("s{i}"), &[("a", 1)], HOUR)
+            .await
+            .unwrap()
+    });
+    futures::future::join_all(holds).await;
+    assert_eq!(level(store, "a").await, StockLevel::new(70, 30, 0));
+    let calls = (0..70).map(|n| async move {
+        let i = n % 35;
+        let id = format!("s{i}");
+        let result = if i % 2 == 0 {
+            store.confirm(&id).await
+        } else {
+            store.release(&id).await
+        };
+        (i, result)
+    });
+    for (i, result) in futures::future::join_all(calls).await {
+        match (i, result) {
+            (30.., Err(Error::ReservationNotFound { reservation_id })) => {
+                assert_eq!(reservation_id, format!("s{i}"))
+            }
+            (..30, Ok(r)) if i % 2 == 0 => assert_eq!(r.state, ReservationState::Confirmed),
+            (..30, Ok(r)) => assert_eq!(r.state, ReservationState::Released),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(85, 0, 15));
 }

@@ -121,11 +121,17 @@ impl Error {
     }
 }
 
-/// Connection loss, timeouts, a server loading its data, cluster reconfiguration.
+/// Connection loss, timeouts, a server loading its data or busy running a script, cluster
+/// reconfiguration.
 #[cfg(feature = "redis")]
 pub(crate) fn is_retryable_redis(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, RetryMethod, ServerErrorKind};
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_cluster_error() {
+        return true;
+    }
+    // Another script is running past the busy threshold: this call did not run, and will
+    // once that script ends or is killed (redis-rs has no kind for `BUSY`).
+    if e.code() == Some("BUSY") {
         return true;
     }
     if matches!(

@@ -19,8 +19,21 @@
 //! region) lives on one shard and is bounded by one Redis core, and a multi-SKU
 //! reservation is all-or-nothing only **within** a namespace. Spread load by using many namespaces
 //! (one [`RedisReservations`] each); a reservation across namespaces needs a saga.
-//! `RedisReservations` talks to one node and does not follow `MOVED`/`ASK` redirects:
-//! point it at the node that owns the namespace's slot.
+//! [`RedisReservations::builder`] talks to one node and does not follow `MOVED`/`ASK`
+//! redirects (point it at the node that owns the namespace's slot);
+//! [`RedisReservations::builder_cluster`] connects to a Redis Cluster and routes every
+//! call to the namespace's node, following redirects.
+//!
+//! # Coalescing
+//!
+//! By default concurrent reserve / confirm / release / expire calls of one store
+//! (namespace) are coalesced: while one batch is in flight the next calls queue, and go
+//! to Redis together as one script invocation that applies each call in order with its
+//! own semantics and its own result (see [`RedisReservationsBuilder::coalesce`]). A lone
+//! call is sent at once; batches are bounded by
+//! [`max_batch`](RedisReservationsBuilder::max_batch) calls and 4,096 keys, which bounds
+//! the script's run time. A batch that fails as a whole (connection loss, `BUSY`) gives
+//! each of its callers a retryable error, retried by each caller with the same id.
 //!
 //! ## Failure modes
 //!

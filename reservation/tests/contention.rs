@@ -18,14 +18,26 @@ async fn serial_invariant_under_contention_in_memory() {
     assert_eq!(report.retryable_errors, 0);
 }
 
+/// Coalescing on (the default): calls go to Redis in batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_invariant_under_contention_redis() {
+    invariant_under_contention_redis(true).await;
+}
+
+/// Coalescing off: one script per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_invariant_under_contention_redis_uncoalesced() {
+    invariant_under_contention_redis(false).await;
+}
+
+async fn invariant_under_contention_redis(coalesce: bool) {
     init_tracing();
     let redis = TestRedis::connect().await;
     let store = RedisReservations::builder(redis.url.as_str())
         .key_prefix(redis.prefix.clone())
         .namespace("contention")
         .retention(Duration::from_secs(600))
+        .coalesce(coalesce)
         .connect()
         .await
         .unwrap();
@@ -41,13 +53,25 @@ async fn serial_invariant_under_contention_redis() {
 
 /// Same run against a private Redis (`appendonly yes`, `appendfsync always`) killed
 /// (SIGKILL) and restarted mid-run: clients reconnect by themselves, every acknowledged
-/// outcome survives, and the invariants hold throughout and at the end.
+/// outcome survives, and the invariants hold throughout and at the end. Coalescing on
+/// (the default): batches are in flight when the server dies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_invariant_survives_redis_restart() {
+    invariant_survives_redis_restart(true).await;
+}
+
+/// The same with coalescing off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_invariant_survives_redis_restart_uncoalesced() {
+    invariant_survives_redis_restart(false).await;
+}
+
+async fn invariant_survives_redis_restart(coalesce: bool) {
     init_tracing();
     let mut server = RedisServer::start().await;
     let store = RedisReservations::builder(server.url().as_str())
         .namespace("restart")
+        .coalesce(coalesce)
         .connect()
         .await
         .unwrap();

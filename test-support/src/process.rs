@@ -279,3 +279,143 @@ impl RedisServer {
         self.spawn().await;
     }
 }
+
+/// A private Redis Cluster: `masters` redis-server processes in cluster mode (no
+/// persistence, no replicas) on spare loopback ports, the 16,384 slots split evenly in
+/// order, started and joined before [`start`](Self::start) returns; killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    /// The first slot of each node's range (node `i` owns `firsts[i]..firsts[i + 1]`).
+    firsts: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Three masters.
+    pub async fn start() -> Self {
+        Self::with_masters(3).await
+    }
+
+    /// `masters` masters (at least 1), each owning an equal range of slots.
+    pub async fn with_masters(masters: usize) -> Self {
+        let masters = masters.max(1);
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}"));
+        let mut nodes = Vec::with_capacity(masters);
+        let mut ports = Vec::with_capacity(masters);
+        for i in 0..masters {
+            let port = spare_port();
+            let node_dir = dir.path().join(format!("node-{i}"));
+            std::fs::create_dir_all(&node_dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", node_dir.display()));
+            let child = Command::new(env_or("REDIS_SERVER_BIN", "redis-server"))
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; install Redis 7"));
+            nodes.push(child);
+            ports.push(port);
+        }
+        let firsts: Vec<u16> = (0..masters)
+            .map(|i| u16::try_from(i * 16384 / masters).unwrap_or(u16::MAX))
+            .collect();
+        let cluster = Self {
+            nodes,
+            ports,
+            firsts,
+            _dir: dir,
+        };
+        for &port in &cluster.ports {
+            wait_until("a cluster node listens", Duration::from_secs(20), || {
+                port_open(port)
+            })
+            .await;
+        }
+        for i in 0..masters {
+            let last = cluster.firsts.get(i + 1).map_or(16383, |next| next - 1);
+            let _: () = cluster
+                .command(
+                    i,
+                    &[
+                        "CLUSTER",
+                        "ADDSLOTSRANGE",
+                        &cluster.firsts[i].to_string(),
+                        &last.to_string(),
+                    ],
+                )
+                .await;
+        }
+        for &port in &cluster.ports[1..] {
+            let _: () = cluster
+                .command(0, &["CLUSTER", "MEET", "127.0.0.1", &port.to_string()])
+                .await;
+        }
+        let known = format!("cluster_known_nodes:{masters}");
+        wait_until(
+            "every cluster node is joined and reports cluster_state:ok",
+            Duration::from_secs(30),
+            || {
+                let (cluster, known) = (&cluster, known.clone());
+                async move {
+                    for i in 0..masters {
+                        let info: String = cluster.command(i, &["CLUSTER", "INFO"]).await;
+                        if !info.contains("cluster_state:ok") || !info.contains(&known) {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            },
+        )
+        .await;
+        cluster
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node, in slot order.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// The index (in [`urls`](Self::urls)) of the node owning `key`'s slot.
+    pub async fn node_of(&self, key: &str) -> usize {
+        let slot: i64 = self.command(0, &["CLUSTER", "KEYSLOT", key]).await;
+        self.firsts
+            .iter()
+            .rposition(|&first| i64::from(first) <= slot)
+            .unwrap_or(0)
+    }
+
+    /// Runs one command on node `i` (a plain connection: no redirects followed).
+    pub async fn command<T: redis::FromRedisValue>(&self, i: usize, args: &[&str]) -> T {
+        let url = format!("redis://127.0.0.1:{}", self.ports[i]);
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        let result = async {
+            let mut conn = redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?;
+            cmd.query_async(&mut conn).await
+        }
+        .await;
+        result.unwrap_or_else(|e| panic!("{args:?} on {url}: {e}"))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.start_kill();
+        }
+    }
+}

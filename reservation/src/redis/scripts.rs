@@ -28,6 +28,8 @@ pub(crate) struct Scripts {
     pub(crate) set_stock: Script,
     pub(crate) adjust_stock: Script,
     pub(crate) reservation: Script,
+    /// Several reserve / settle calls in one invocation (coalescing).
+    pub(crate) batch: Script,
 }
 
 impl Scripts {
@@ -39,6 +41,7 @@ impl Scripts {
             set_stock: script!("set_stock.lua"),
             adjust_stock: script!("adjust_stock.lua"),
             reservation: script!("reservation.lua"),
+            batch: script!("batch.lua"),
         }
     }
 }
@@ -55,7 +58,7 @@ pub fn reserve_script_source() -> &'static str {
 #[cfg(test)]
 mod tests {
     /// Every script file, as sent (each prefixed with `common.lua`).
-    const SOURCES: [(&str, &str); 7] = [
+    const SOURCES: [(&str, &str); 8] = [
         ("common.lua", include_str!("../../lua/common.lua")),
         ("reserve.lua", include_str!("../../lua/reserve.lua")),
         ("settle.lua", include_str!("../../lua/settle.lua")),
@@ -66,6 +69,7 @@ mod tests {
             include_str!("../../lua/adjust_stock.lua"),
         ),
         ("reservation.lua", include_str!("../../lua/reservation.lua")),
+        ("batch.lua", include_str!("../../lua/batch.lua")),
     ];
     /// Names the scripts give to keys; each must be bound from `KEYS` only.
     const KEY_NAMES: [&str; 4] = ["key", "res_key", "expiries_key", "m[1]"];

@@ -1,0 +1,224 @@
+//! Request coalescing: concurrent reserve / confirm / release / expire calls of one
+//! namespace go to Redis as one `batch.lua` invocation.
+//!
+//! One task per store drains a queue: it takes the first request, then whatever else is
+//! already queued (up to the batch limits), and sends that batch. While a batch is in
+//! flight the next one accumulates, so batches grow with the load by themselves and a
+//! lone call is sent at once: nothing ever waits on a timer. A request waits at most for
+//! the batches in flight ahead of it, each bounded by [`max batch`](Coalescer::spawn)
+//! entries and [`MAX_BATCH_KEYS`] keys, which also bounds the script's run time on the
+//! server.
+//!
+//! A batch that fails as a whole (connection lost, `BUSY`, a restart) fails every request
+//! in it with that error; each caller then retries on its own, with its own attempts and
+//! backoff, so the queue never stalls behind a retrying batch.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use redis::{Script, Value};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::RedisConnection;
+use crate::Error;
+
+/// The most keys one batch declares (each entry declares its reservation key and one
+/// stock key per item): bounds the script's run time however many items calls have.
+pub(crate) const MAX_BATCH_KEYS: usize = 4096;
+
+/// Requests queued per store before callers wait to enqueue (backpressure).
+const QUEUE: usize = 4096;
+
+/// One call, as the batch script takes it.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    /// `reserve`, `confirm`, `release` or `expire`.
+    pub(crate) op: &'static str,
+    pub(crate) id: String,
+    /// Time to live (reserve only; 0 otherwise).
+    pub(crate) ttl_ms: u64,
+    /// The canonical items JSON (for a settlement: as the client read it).
+    pub(crate) items_json: String,
+    /// The reservation key, then one stock key per item.
+    pub(crate) keys: Vec<String>,
+    /// The quantities (reserve only).
+    pub(crate) qtys: Vec<u64>,
+}
+
+struct Request {
+    entry: Arc<Entry>,
+    reply: oneshot::Sender<Result<Value, Error>>,
+}
+
+/// What the batch task needs to send a batch.
+pub(crate) struct Context {
+    pub(crate) conns: Arc<[RedisConnection]>,
+    pub(crate) script: Script,
+    pub(crate) expiries_key: String,
+    pub(crate) stock_prefix: String,
+    pub(crate) retention_ms: u64,
+    next: AtomicUsize,
+}
+
+impl Context {
+    pub(crate) fn new(
+        conns: Arc<[RedisConnection]>,
+        script: Script,
+        expiries_key: String,
+        stock_prefix: String,
+        retention_ms: u64,
+    ) -> Self {
+        Self {
+            conns,
+            script,
+            expiries_key,
+            stock_prefix,
+            retention_ms,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn connection(&self) -> RedisConnection {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.conns[i % self.conns.len()].clone()
+    }
+}
+
+/// The handle of a store's batch task; the task ends when the last handle is dropped.
+#[derive(Debug)]
+pub(crate) struct Coalescer {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Coalescer {
+    /// Spawns the batch task on the current Tokio runtime.
+    pub(crate) fn spawn(context: Context, max_batch: usize, max_in_flight: usize) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(
+            rx,
+            Arc::new(context),
+            max_batch.max(1),
+            max_in_flight.max(1),
+        ));
+        Self { tx }
+    }
+
+    /// Queues one call and waits for its own reply; `None` if the batch task is gone
+    /// (its runtime shut down): the caller then sends the call by itself.
+    pub(crate) async fn submit(&self, entry: Arc<Entry>) -> Option<Result<Value, Error>> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Request { entry, reply }).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Request>,
+    context: Arc<Context>,
+    max_batch: usize,
+    max_in_flight: usize,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    // A request taken from the queue that did not fit the previous batch's key limit.
+    let mut carry: Option<Request> = None;
+    let mut open = true;
+    loop {
+        if (open || carry.is_some()) && in_flight.len() < max_in_flight {
+            let first = match carry.take() {
+                Some(request) => Some(request),
+                None => tokio::select! {
+                    request = rx.recv() => request,
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+                },
+            };
+            let Some(first) = first else {
+                open = false;
+                continue;
+            };
+            let mut keys = first.entry.keys.len();
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(request) if keys + request.entry.keys.len() > MAX_BATCH_KEYS => {
+                        carry = Some(request);
+                        break;
+                    }
+                    Ok(request) => {
+                        keys += request.entry.keys.len();
+                        batch.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            in_flight.push(send(context.clone(), batch));
+        } else if in_flight.next().await.is_none() && !open {
+            return;
+        }
+    }
+}
+
+/// Sends one batch and hands every caller its own reply.
+async fn send(context: Arc<Context>, batch: Vec<Request>) {
+    let mut inv = context.script.key(&context.expiries_key);
+    for request in &batch {
+        for key in &request.entry.keys {
+            inv.key(key);
+        }
+    }
+    inv.arg(context.retention_ms)
+        .arg(&context.stock_prefix)
+        .arg(batch.len());
+    for request in &batch {
+        let entry = &request.entry;
+        inv.arg(entry.op)
+            .arg(&entry.id)
+            .arg(entry.keys.len().saturating_sub(1))
+            .arg(entry.ttl_ms)
+            .arg(&entry.items_json);
+        for qty in &entry.qtys {
+            inv.arg(*qty);
+        }
+    }
+    let span = tracing::debug_span!("reservation.batch", size = batch.len());
+    let mut conn = context.connection();
+    let result = inv.invoke_async::<Value>(&mut conn).instrument(span).await;
+    match result {
+        Ok(Value::Array(replies)) if replies.len() == batch.len() => {
+            for (request, reply) in batch.into_iter().zip(replies) {
+                let _ = request.reply.send(entry_result(reply));
+            }
+        }
+        Ok(other) => {
+            for request in batch {
+                let _ = request.reply.send(Err(Error::Protocol(format!(
+                    "batch replied {other:?} to {} calls",
+                    request.entry.op
+                ))));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "batch failed; every caller retries on its own");
+            for request in batch {
+                let _ = request.reply.send(Err(Error::Redis(e.clone())));
+            }
+        }
+    }
+}
+
+/// `{'error', message}`: a Redis command of this entry failed (the others are unaffected).
+fn entry_result(reply: Value) -> Result<Value, Error> {
+    if let Value::Array(fields) = &reply {
+        if let [Value::BulkString(kind), message] = fields.as_slice() {
+            if kind.as_slice() == b"error" {
+                let message = match message {
+                    Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                return Err(Error::Protocol(message));
+            }
+        }
+    }
+    Ok(reply)
+}

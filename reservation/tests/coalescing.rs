@@ -1,0 +1,249 @@
+//! Coalescing on a private `redis-server` (AOF, fsync always): the batch size limit, a
+//! script that keeps the server busy, and a restart while batches are in flight. The
+//! semantics of batched calls are in the contract suite (`batch_*`), which runs against
+//! a coalescing store in tests/contract.rs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventful_reservation::{
+    Error, RedisReservations, ReservationState, ReservationStore, StockLevel,
+};
+use eventful_test_support::{init_tracing, wait_until, RedisServer};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn admin(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// `calls=` of one command in `INFO commandstats` (0 if never called).
+async fn calls(server: &RedisServer, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin(server).await)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// 200 calls at once with batches of at most 8: every call is answered, the queue is
+/// sent as at least 25 scripts (the limit holds) and fewer than 200 (calls were coalesced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_batch_size_limit_splits_the_queue() {
+    init_tracing();
+    let server = RedisServer::start().await;
+    let store = RedisReservations::builder(server.url().as_str())
+        .namespace("limit")
+        .max_batch(8)
+        .connect()
+        .await
+        .unwrap();
+    store.set_stock("hot", 1000).await.unwrap();
+    // Load the batch script first so that the count below is of batches only.
+    store.reserve("warm-up", &[("hot", 1)], HOUR).await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin(&server).await)
+        .await
+        .unwrap();
+    let results = futures::future::join_all((0..200).map(|i| {
+        let store = store.clone();
+        async move { store.reserve(&format!("r{i}"), &[("hot", 1)], HOUR).await }
+    }))
+    .await;
+    for result in &results {
+        assert_eq!(result.as_ref().unwrap().state, ReservationState::Held);
+    }
+    let scripts = calls(&server, "evalsha").await;
+    assert!(
+        (25..200).contains(&scripts),
+        "200 calls in batches of at most 8 took {scripts} scripts"
+    );
+    assert_eq!(
+        store.stock("hot").await.unwrap(),
+        StockLevel::new(799, 201, 0)
+    );
+}
+
+/// While another script keeps Redis busy (`BUSY` replies), every caller of a batch gets a
+/// retryable error (nothing held); with retries on, calls made meanwhile complete once the
+/// script is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_busy_server_gives_every_caller_a_retryable_error() {
+    init_tracing();
+    let server = RedisServer::start().await;
+    let builder = || {
+        RedisReservations::builder(server.url().as_str())
+            .namespace("busy")
+            .retry_backoff(Duration::from_millis(20), Duration::from_millis(100))
+    };
+    let once = builder().max_attempts(1).connect().await.unwrap();
+    let retrying = builder().max_attempts(30).connect().await.unwrap();
+    once.set_stock("a", 100).await.unwrap();
+    let mut conn = admin(&server).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("busy-reply-threshold")
+        .arg("50")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A read-only script that spins until SCRIPT KILL (its own reply is irrelevant).
+    let spinner = tokio::spawn({
+        let mut conn = admin(&server).await;
+        async move {
+            let _ = redis::cmd("EVAL")
+                .arg("while true do end")
+                .arg(0)
+                .query_async::<redis::Value>(&mut conn)
+                .await;
+        }
+    });
+    wait_until("Redis answers BUSY", Duration::from_secs(10), || {
+        let mut conn = conn.clone();
+        async move {
+            let ping = redis::cmd("PING").query_async::<String>(&mut conn).await;
+            matches!(ping, Err(e) if e.code() == Some("BUSY"))
+        }
+    })
+    .await;
+
+    let results = futures::future::join_all((0..16).map(|i| {
+        let once = once.clone();
+        async move { once.reserve(&format!("b{i}"), &[("a", 1)], HOUR).await }
+    }))
+    .await;
+    for result in &results {
+        match result {
+            Err(e) => assert!(e.is_retryable(), "BUSY must be retryable: {e:?}"),
+            Ok(r) => panic!("answered while Redis was busy: {r:?}"),
+        }
+    }
+    let waiting: Vec<_> = (0..16)
+        .map(|i| {
+            let retrying = retrying.clone();
+            tokio::spawn(async move { retrying.reserve(&format!("w{i}"), &[("a", 1)], HOUR).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    spinner.await.unwrap();
+    for call in waiting {
+        assert_eq!(call.await.unwrap().unwrap().state, ReservationState::Held);
+    }
+    for i in 0..16 {
+        assert_eq!(
+            once.reservation(&format!("b{i}")).await.unwrap(),
+            None,
+            "a call refused with BUSY was applied"
+        );
+    }
+    assert_eq!(once.stock("a").await.unwrap(), StockLevel::new(84, 16, 0));
+}
+
+/// SIGKILL and restart of Redis while 64 callers keep batches in flight (no automatic
+/// retries): every caller gets an answer or a retryable error, every acknowledged hold
+/// survives, and no stock is lost — held equals the holds recorded, whatever the fate of
+/// the calls that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_restart_mid_batch_answers_every_caller() {
+    init_tracing();
+    const STOCK: u64 = 1_000_000;
+    let mut server = RedisServer::start().await;
+    let store = RedisReservations::builder(server.url().as_str())
+        .namespace("midbatch")
+        .max_attempts(1)
+        .connect()
+        .await
+        .unwrap();
+    store.set_stock("hot", STOCK).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let outcomes: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
+    let workers: Vec<_> = (0..64)
+        .map(|task| {
+            let (store, stop) = (store.clone(), stop.clone());
+            let (acknowledged, outcomes) = (acknowledged.clone(), outcomes.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = format!("t{task}-{n}");
+                    let ok = match store.reserve(&id, &[("hot", 1)], HOUR).await {
+                        Ok(r) => {
+                            assert_eq!(r.state, ReservationState::Held, "{id}");
+                            acknowledged.fetch_add(1, Ordering::Relaxed);
+                            true
+                        }
+                        Err(e) if e.is_retryable() => {
+                            // Redis is down: do not spin on the refused reconnect.
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            false
+                        }
+                        Err(e) => panic!("{id}: neither an answer nor retryable: {e:?}"),
+                    };
+                    outcomes.lock().unwrap().insert(id, ok);
+                }
+            })
+        })
+        .collect();
+    let acked = || acknowledged.load(Ordering::Relaxed);
+    wait_until(
+        "holds are acknowledged",
+        Duration::from_secs(30),
+        || async { acked() > 2000 },
+    )
+    .await;
+    server.restart().await;
+    let before = acked();
+    wait_until(
+        "holds are acknowledged after the restart",
+        Duration::from_secs(30),
+        || async { acked() > before + 2000 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.expect("a caller panicked");
+    }
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    let failed = outcomes.values().filter(|ok| !**ok).count();
+    let mut recorded = 0u64;
+    for (id, ok) in &outcomes {
+        match store.reservation(id).await.unwrap() {
+            Some(r) => {
+                assert_eq!(r.state, ReservationState::Held, "{id}");
+                recorded += 1;
+            }
+            None => assert!(!ok, "{id}: acknowledged hold lost in the restart"),
+        }
+    }
+    let level = store.stock("hot").await.unwrap();
+    eprintln!(
+        "restart mid-batch: {} calls, {failed} retryable failures, {recorded} holds, {level:?}",
+        outcomes.len()
+    );
+    assert_eq!(level, StockLevel::new(STOCK - recorded, recorded, 0));
+    assert!(
+        matches!(
+            store.reserve("after", &[("hot", 1)], HOUR).await,
+            Ok(_) | Err(Error::InsufficientStock { .. })
+        ),
+        "the store works after the restart"
+    );
+}
