@@ -9,8 +9,8 @@
 //! A required service that cannot be reached makes the test **fail** (panic) with a
 //! message naming the service and how to start it: nothing is ever skipped.
 //!
-//! For failure tests that must stop or restart a server, [`KafkaBroker`] (Apache Kafka) and
-//! [`RedisServer`] run private instances on spare ports, so the shared services the rest
+//! For failure tests that must stop or restart a server, [`KafkaBroker`] (Apache Kafka),
+//! [`RedisServer`] and [`PostgresServer`] run private instances on spare ports, so the shared services the rest
 //! of the suite relies on are never disturbed.
 
 pub mod kafka;
@@ -19,7 +19,9 @@ mod process;
 mod redis_support;
 
 pub use postgres::{database_url, TestDatabase, DEFAULT_DATABASE_URL};
-pub use process::{kafka_home, spare_port, KafkaBroker, RedisServer, KAFKA_VERSION};
+pub use process::{
+    kafka_home, spare_port, KafkaBroker, PostgresServer, RedisServer, KAFKA_VERSION,
+};
 pub use redis_support::{TestRedis, DEFAULT_REDIS_URL};
 
 use std::future::Future;

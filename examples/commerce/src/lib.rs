@@ -11,6 +11,7 @@
 //! released; an unpaid reservation past its TTL → `ORDER_EXPIRED` with the stock released
 //! (and a payment that lost that race → `PAYMENT_REFUNDED`).
 
+pub mod chaos;
 pub mod config;
 pub mod events;
 pub mod http;
