@@ -25,6 +25,7 @@ use anyhow::Context;
 use eventful_test_support::{spare_port, KafkaBroker, PostgresServer, RedisServer};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::load::{
@@ -68,8 +69,8 @@ pub struct ChaosOptions {
     /// A client gives up on an order after retrying it this long.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub give_up_after: Duration,
-    /// How long the system may take to settle after the last order was answered (every
-    /// order terminal, every event published, every consumer group caught up).
+    /// How long the system may take to settle once the faults are over (every order
+    /// terminal, every event published, every consumer group caught up).
     #[arg(long, value_parser = parse_duration, default_value = "300s")]
     pub settle_timeout: Duration,
     /// Partitions of the event topic.
@@ -127,6 +128,18 @@ pub struct Fault {
     pub back_in: Duration,
 }
 
+impl Fault {
+    fn line(&self, answered: &AtomicUsize, orders: usize) -> String {
+        format!(
+            "{:>8} {:<22} back in {:>8}  ({} of {orders} orders answered)",
+            ms(self.at),
+            self.what,
+            ms(self.back_in),
+            answered.load(Ordering::Relaxed)
+        )
+    }
+}
+
 /// What a chaos run did and found.
 #[derive(Debug)]
 pub struct ChaosReport {
@@ -179,19 +192,40 @@ pub(crate) struct Sending {
     pub(crate) gave_up: Vec<String>,
     pub(crate) retried: usize,
     pub(crate) tries: u64,
+    /// First send → last answer.
+    pub(crate) answered_in: Duration,
 }
 
-/// A small, seeded generator (splitmix64): which service dies is reproducible from the seed.
-struct Dice(u64);
+/// Picks the services to kill: a seeded generator (splitmix64), so the sequence is
+/// reproducible from the seed, drawing from a bag that holds each service once, so every
+/// four kills take down every service (the order service among them: its clients retry).
+struct Dice {
+    state: u64,
+    bag: Vec<&'static str>,
+}
 
 impl Dice {
-    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+    fn new(seed: u64) -> Self {
+        Self {
+            state: seed,
+            bag: Vec::new(),
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        from[(z % from.len() as u64) as usize]
+        z ^ (z >> 31)
+    }
+
+    fn pick(&mut self) -> &'static str {
+        if self.bag.is_empty() {
+            self.bag = SERVICES.to_vec();
+        }
+        let at = (self.next() % self.bag.len() as u64) as usize;
+        self.bag.swap_remove(at)
     }
 }
 
@@ -340,82 +374,70 @@ pub async fn run(options: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         answered.clone(),
     ));
 
-    // The faults, one at a time, until the last order is answered. Bounded in count (one
-    // per tick) and in time (the schedule plus the clients' patience).
-    let mut dice = Dice(seed);
-    let (mut kills, mut restarts) = (Vec::new(), Vec::new());
-    let mut pending_restarts = RESTARTS.iter();
-    let mut next_restart = pending_restarts.next();
+    // Two fault loops run beside the clients: the server restarts, each at its point of the
+    // schedule, and the kills, one per tick, until the last order is answered and the last
+    // server restart is done. Both are bounded in count (three restarts; one kill per tick)
+    // and in time (the schedule plus the clients' patience).
+    let sending_done = CancellationToken::new();
+    let restarts_done = CancellationToken::new();
     let chaos_until = started + span + options.give_up_after;
-    let sending = loop {
-        tokio::select! {
-            done = &mut sender => break done??,
-            () = tokio::time::sleep(options.kill_every) => {}
-        }
-        if Instant::now() > chaos_until {
-            say("chaos window over; waiting for the clients".to_owned());
-            break sender.await??;
-        }
-        for service in services.revive().await? {
-            say(format!(
-                "{:>7} {service} had exited on its own: restarted",
-                ms(started.elapsed())
-            ));
-        }
-        let at = started.elapsed();
-        let fault = match next_restart {
-            Some((server, due)) if at.as_secs_f64() >= span.as_secs_f64() * due => {
-                let began = Instant::now();
-                servers.restart(server).await;
-                next_restart = pending_restarts.next();
-                let fault = Fault {
-                    at,
-                    what: format!("restart {server}"),
-                    back_in: began.elapsed(),
-                };
-                restarts.push(fault.clone());
-                fault
-            }
-            _ => {
-                let service = dice.pick(&SERVICES);
-                services.kill(service).await?;
-                let back_in = services.start(service).await?;
-                let fault = Fault {
-                    at,
-                    what: format!("kill {service}"),
-                    back_in,
-                };
-                kills.push(fault.clone());
-                fault
-            }
-        };
-        say(format!(
-            "{:>7} {:<22} back in {:>7}  ({} of {} orders answered)",
-            ms(fault.at),
-            fault.what,
-            ms(fault.back_in),
-            answered.load(Ordering::Relaxed),
-            options.orders
-        ));
+    let clients = async {
+        let sending = (&mut sender).await;
+        sending_done.cancel();
+        anyhow::Ok(sending??)
     };
-    let sent_in = started.elapsed();
-    // A run too short for a restart's turn still gets it, while the events still flow.
-    for (server, _) in next_restart.into_iter().chain(pending_restarts) {
-        let (at, began) = (started.elapsed(), Instant::now());
-        servers.restart(server).await;
-        let fault = Fault {
-            at,
-            what: format!("restart {server}"),
-            back_in: began.elapsed(),
-        };
-        say(format!(
-            "{:>7} {:<22} back in {:>7}  (after the last answer)",
-            ms(at),
-            fault.what,
-            ms(fault.back_in)
-        ));
-        restarts.push(fault);
-    }
+    let restart_loop = async {
+        let mut restarts = Vec::new();
+        for (server, due) in RESTARTS {
+            tokio::time::sleep_until(started + span.mul_f64(due)).await;
+            let (at, began) = (started.elapsed(), Instant::now());
+            servers.restart(server).await;
+            let fault = Fault {
+                at,
+                what: format!("restart {server}"),
+                back_in: began.elapsed(),
+            };
+            say(fault.line(&answered, options.orders));
+            restarts.push(fault);
+        }
+        restarts_done.cancel();
+        restarts
+    };
+    let kill_loop = async {
+        let mut dice = Dice::new(seed);
+        let mut kills = Vec::new();
+        loop {
+            tokio::select! {
+                () = async { sending_done.cancelled().await; restarts_done.cancelled().await } => break,
+                () = tokio::time::sleep(options.kill_every) => {}
+            }
+            if Instant::now() > chaos_until {
+                say("chaos window over".to_owned());
+                break;
+            }
+            for service in services.revive().await? {
+                say(format!(
+                    "{:>8} {service} had exited on its own: restarted",
+                    ms(started.elapsed())
+                ));
+            }
+            let at = started.elapsed();
+            let service = dice.pick();
+            services.kill(service).await?;
+            let back_in = services.start(service).await?;
+            let fault = Fault {
+                at,
+                what: format!("kill {service}"),
+                back_in,
+            };
+            say(fault.line(&answered, options.orders));
+            kills.push(fault);
+        }
+        anyhow::Ok(kills)
+    };
+    let (sending, restarts, kills) = tokio::join!(clients, restart_loop, kill_loop);
+    let (sending, kills) = (sending?, kills?);
+    let sent_in = sending.answered_in;
     let last_fault = Instant::now();
     say(format!(
         "all {} orders answered in {}; waiting for the system to settle (at most {})",
@@ -429,8 +451,7 @@ pub async fn run(options: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         .iter()
         .map(|s| format!("{group_prefix}-{s}"))
         .collect();
-    let settle_started = Instant::now();
-    let settle_deadline = settle_started + options.settle_timeout;
+    let settle_deadline = Instant::now() + options.settle_timeout;
     let mut unsettled;
     let mut last_said = Instant::now();
     loop {
@@ -452,7 +473,10 @@ pub async fn run(options: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     }
     let settled = unsettled.is_empty();
     let (settled_after, settled_after_last_fault) = if settled {
-        (Some(settle_started.elapsed()), Some(last_fault.elapsed()))
+        (
+            Some((started + sent_in).elapsed()),
+            Some(last_fault.elapsed()),
+        )
     } else {
         (None, None)
     };
@@ -542,6 +566,7 @@ async fn send(
     while let Some(done) = tasks.join_next().await {
         collect(&mut sending, done?);
     }
+    sending.answered_in = started.elapsed();
     Ok(sending)
 }
 

@@ -1,4 +1,4 @@
-//! Chaos at scale, shortened: 1,000 orders through the four services as separate processes
+//! Chaos at scale, shortened: 1,000 orders (25 per second, so about 40 s of sending) through the four services as separate processes
 //! on private PostgreSQL, Redis and Kafka servers, a random service SIGKILLed and restarted
 //! every 3 s, and Kafka, Redis and PostgreSQL each restarted once while the orders flow.
 //! Every invariant `commerce-chaos` checks must hold, and the system must settle.
@@ -21,7 +21,7 @@ async fn serial_chaos_1000_orders_keeps_every_invariant() {
         "--orders",
         "1000",
         "--rate",
-        "40",
+        "25",
         "--kill-every",
         "3s",
         "--bin-dir",
@@ -31,7 +31,8 @@ async fn serial_chaos_1000_orders_keeps_every_invariant() {
     eprintln!("{report}");
 
     // The faults happened: kills while the orders flowed, each server restarted once.
-    assert!(report.kills.len() >= 3, "{} kills", report.kills.len());
+    // At least one round of the bag: every service killed once, the order service included.
+    assert!(report.kills.len() >= 4, "{} kills", report.kills.len());
     let restarted: Vec<&str> = report.restarts.iter().map(|r| r.what.as_str()).collect();
     assert_eq!(
         restarted,

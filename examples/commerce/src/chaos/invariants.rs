@@ -51,10 +51,10 @@ impl Databases {
     }
 
     async fn count(&self, service: &str, sql: &str) -> anyhow::Result<i64> {
-        Ok(sqlx::query_scalar(sql)
+        sqlx::query_scalar(sql)
             .fetch_one(self.pool(service)?)
             .await
-            .with_context(|| format!("{service}: {sql}"))?)
+            .with_context(|| format!("{service}: {sql}"))
     }
 
     /// `(service, count)` of `sql` on each service's database.

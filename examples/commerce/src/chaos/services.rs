@@ -13,11 +13,10 @@ use tokio::time::Instant;
 
 use crate::load::SERVICES;
 
-/// How long a (re)started service may take to answer `/health`.
-const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
-/// Starts of one service in a row that may fail (its process exits before `/health`
-/// answers, e.g. while PostgreSQL restarts) before the run gives up.
-const START_ATTEMPTS: u32 = 5;
+/// How long a (re)started service may take to answer `/health`, across the starts that
+/// fail meanwhile (its process exits before `/health` answers while PostgreSQL, Redis or
+/// Kafka restarts).
+const HEALTHY_WITHIN: Duration = Duration::from_secs(120);
 
 /// The running services.
 pub(crate) struct Services {
@@ -70,17 +69,19 @@ impl Services {
         )
     }
 
-    /// Starts `service` and waits until its `/health` answers, starting it again (up to
-    /// [`START_ATTEMPTS`] times) when it exits first; returns how long that took.
+    /// Starts `service` and waits until its `/health` answers, starting it again when it
+    /// exits first, for up to [`HEALTHY_WITHIN`]; returns how long that took.
     pub(crate) async fn start(&mut self, service: &'static str) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        for attempt in 1..=START_ATTEMPTS {
+        let deadline = started + HEALTHY_WITHIN;
+        let health = format!("{}/health", self.url(service));
+        let mut attempts = 0;
+        while Instant::now() < deadline {
+            attempts += 1;
             let mut child = self.spawn(service)?;
-            let deadline = Instant::now() + HEALTHY_WITHIN;
-            let health = format!("{}/health", self.url(service));
             loop {
                 if let Some(status) = child.try_wait()? {
-                    tracing::warn!(service, %status, attempt, "exited before it was healthy");
+                    tracing::warn!(service, %status, attempts, "exited before it was healthy");
                     break;
                 }
                 if matches!(self.http.get(&health).send().await, Ok(r) if r.status().is_success()) {
@@ -89,14 +90,15 @@ impl Services {
                 }
                 if Instant::now() > deadline {
                     let _ = child.start_kill();
-                    bail!("{service} did not answer /health within {HEALTHY_WITHIN:?}");
+                    let _ = child.wait().await;
+                    break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         bail!(
-            "{service} exited before it was healthy {START_ATTEMPTS} times in a row (see {})",
+            "{service} did not answer /health within {HEALTHY_WITHIN:?} ({attempts} starts; see {})",
             self.log_path(service).display()
         )
     }

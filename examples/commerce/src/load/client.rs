@@ -86,7 +86,10 @@ pub async fn place_order(
         if Instant::now() + pause > deadline {
             return (Placed::GaveUp(last), tries);
         }
-        tokio::time::sleep(pause).await;
+        // Jittered (half to all of the pause): clients that failed together, e.g. while
+        // PostgreSQL restarted, must not all come back in the same instant.
+        let jitter = (Uuid::new_v4().as_u128() % 1_000) as f64 / 2_000.0;
+        tokio::time::sleep(pause.mul_f64(0.5 + jitter)).await;
         // Back off to a second between tries: a service restarting takes a few seconds.
         pause = (pause * 2).min(Duration::from_secs(1));
     }
