@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventful_reservation::{
-    Error, RedisReservations, ReservationState, ReservationStore, StockLevel,
+    Backoff, Error, RedisReservations, ReservationState, ReservationStore, StockLevel,
 };
 use eventful_test_support::{init_tracing, wait_until, RedisServer};
 
@@ -85,7 +85,10 @@ async fn serial_busy_server_gives_every_caller_a_retryable_error() {
     let builder = || {
         RedisReservations::builder(server.url().as_str())
             .namespace("busy")
-            .retry_backoff(Duration::from_millis(20), Duration::from_millis(100))
+            .backoff(Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(100),
+            ))
     };
     let once = builder().max_attempts(1).connect().await.unwrap();
     let retrying = builder().max_attempts(30).connect().await.unwrap();

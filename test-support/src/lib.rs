@@ -9,9 +9,9 @@
 //! A required service that cannot be reached makes the test **fail** (panic) with a
 //! message naming the service and how to start it: nothing is ever skipped.
 //!
-//! For failure tests that must stop or restart a server, [`KafkaBroker`] (Apache Kafka) and
-//! [`RedisServer`] (and [`RedisCluster`], three masters in cluster mode) run private
-//! instances on spare ports, so the shared services the rest
+//! For failure tests that must stop or restart a server, [`KafkaBroker`] (Apache Kafka),
+//! [`RedisServer`], [`RedisCluster`] (three masters in cluster mode) and [`PostgresServer`]
+//! run private instances on spare ports, so the shared services the rest
 //! of the suite relies on are never disturbed.
 
 pub mod kafka;
@@ -20,7 +20,9 @@ mod process;
 mod redis_support;
 
 pub use postgres::{database_url, TestDatabase, DEFAULT_DATABASE_URL};
-pub use process::{kafka_home, spare_port, KafkaBroker, RedisCluster, RedisServer, KAFKA_VERSION};
+pub use process::{
+    kafka_home, spare_port, KafkaBroker, PostgresServer, RedisCluster, RedisServer, KAFKA_VERSION,
+};
 pub use redis_support::{TestRedis, DEFAULT_REDIS_URL};
 
 use std::future::Future;

@@ -419,3 +419,206 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+/// The newest installed PostgreSQL's `bin` folder: `PG_BINDIR`, else the highest
+/// `/usr/lib/postgresql/<major>/bin` (Debian keeps `initdb` and `postgres` there; the same
+/// choice as `scripts/services`), else the `PATH`.
+fn pg_bindir() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").exists().then_some((major, bin))
+        })
+        .collect();
+    majors.sort();
+    majors.pop().map(|(_, bin)| bin)
+}
+
+fn pg_command(name: &str) -> Command {
+    Command::new(pg_bindir().map_or_else(|| PathBuf::from(name), |bin| bin.join(name)))
+}
+
+/// The uid and gid of the `postgres` account: `initdb` and `postgres` refuse to run as
+/// root, so as root the private instance runs as that account (as `scripts/services` does).
+fn postgres_account() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&"postgres") && fields.len() > 3)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+}
+
+/// A private PostgreSQL server (`initdb` + `postgres` in the foreground) on a spare port,
+/// with its data in a temporary directory; role `postgres`, trust on loopback.
+///
+/// [`PostgresServer::restart`] is a crash: an immediate shutdown (SIGQUIT: no checkpoint,
+/// clients cut off) and a start that replays the WAL, so every committed transaction
+/// survives and nothing else does. Durability settings stay at their defaults (`fsync`,
+/// `synchronous_commit` on).
+pub struct PostgresServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    account: Option<(u32, u32)>,
+}
+
+impl PostgresServer {
+    /// Creates the cluster (`initdb`), starts the server and waits until it accepts
+    /// connections.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}"));
+        let account = if running_as_root() {
+            Some(postgres_account().unwrap_or_else(|| {
+                panic!("running as root, but there is no `postgres` account to run PostgreSQL")
+            }))
+        } else {
+            None
+        };
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap_or_else(|e| panic!("{}: {e}", data.display()));
+        if let Some((uid, gid)) = account {
+            use std::os::unix::fs::PermissionsExt;
+            // The postgres account must reach its data folder inside root's temporary one.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .and_then(|()| std::os::unix::fs::chown(&data, Some(uid), Some(gid)))
+                .unwrap_or_else(|e| panic!("handing {} to postgres: {e}", data.display()));
+        }
+        let mut initdb = pg_command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=trust"])
+            .args(["--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]);
+        if let Some((uid, gid)) = account {
+            initdb.uid(uid).gid(gid);
+        }
+        let out = initdb
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run initdb ({e}): install PostgreSQL"));
+        if !out.status.success() {
+            panic!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let mut server = Self {
+            child: None,
+            dir,
+            port: spare_port(),
+            account,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`, the administrative URL.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The server's process id (the postmaster) while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    async fn spawn(&mut self) {
+        let data = self.dir.path().join("data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap_or_else(|e| panic!("private PostgreSQL's log file: {e}"));
+        let mut command = pg_command("postgres");
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &self.port.to_string(), "-h", "127.0.0.1"])
+            // The socket goes in the data folder: no clash with the shared server's.
+            .arg("-k")
+            .arg(&data)
+            .args(["-c", "max_connections=300"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = self.account {
+            command.uid(uid).gid(gid);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the private PostgreSQL: {e}"));
+        self.child = Some(child);
+        let url = self.url();
+        wait_until(
+            "the private PostgreSQL accepts connections",
+            Duration::from_secs(60),
+            || accepts(url.clone()),
+        )
+        .await;
+    }
+
+    /// Stops the server as a crash would (SIGQUIT: immediate shutdown) and waits for it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGQUIT, not SIGKILL: the postmaster then takes its backends down with it, so
+            // the next start finds no stale shared memory still in use.
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-QUIT", &pid.to_string()])
+                    .status();
+            }
+            if tokio::time::timeout(Duration::from_secs(30), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+    }
+
+    /// Crashes the server ([`kill`](Self::kill)) and starts it again on the same port and
+    /// data, which replays the WAL.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+}
+
+async fn accepts(url: String) -> bool {
+    use sqlx::Connection;
+    match sqlx::PgConnection::connect(&url).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+impl Drop for PostgresServer {
+    /// SIGQUIT so the backends go with the postmaster (a SIGKILL from `kill_on_drop` would
+    /// leave them to notice on their own).
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = std::process::Command::new("kill")
+                .args(["-QUIT", &pid.to_string()])
+                .status();
+        }
+    }
+}

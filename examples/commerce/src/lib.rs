@@ -3,7 +3,9 @@
 //!
 //! Run with `cargo run -p commerce --bin commerce` (all four services in one process) after
 //! `scripts/services up`, or each service as its own binary (`order`, `payment`, `shipping`,
-//! `notification`). `commerce-load` drives a running system and checks its invariants.
+//! `notification`). `commerce-load` drives a running system and checks its invariants;
+//! `commerce-chaos` runs the services as processes under kills and server restarts and checks
+//! them too.
 //!
 //! Flow, all events on one topic keyed by order id: `ORDER_RESERVED` (order) →
 //! `PAYMENT_APPROVED` / `PAYMENT_FAILED` (payment) → `ORDER_PAID` (order) →
@@ -11,6 +13,7 @@
 //! released; an unpaid reservation past its TTL → `ORDER_EXPIRED` with the stock released
 //! (and a payment that lost that race → `PAYMENT_REFUNDED`).
 
+pub mod chaos;
 pub mod config;
 pub mod events;
 pub mod http;

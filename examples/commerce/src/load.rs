@@ -17,12 +17,16 @@
 //! clocks are this machine's when the load tool runs beside the services, as in the README's
 //! figures; across machines their skew adds to the figure.
 
+mod client;
 mod lag;
+mod mix;
 mod schedule;
 mod stats;
 mod sweep;
 
+pub use client::{place_order, post_order, Placed};
 pub use lag::{consumer_lag, GroupLag, SERVICES};
+pub use mix::{nth_order, run_skus, set_stock, stock_of, stock_violations};
 pub use schedule::{parse_duration, schedule};
 pub use stats::{achieved_rate, ms, stages, History, Latencies, Percentiles, StageSplit};
 pub use sweep::{chart_svg, csv, SweepRow};
@@ -36,7 +40,7 @@ use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -340,58 +344,12 @@ async fn stock_up(
     options: &LoadOptions,
     planned: usize,
 ) -> anyhow::Result<(Vec<String>, u64)> {
-    let run_id = &Uuid::new_v4().simple().to_string()[..8];
-    let skus: Vec<String> = (0..options.skus.max(1))
-        .map(|i| format!("LOAD-{run_id}-{i}"))
-        .collect();
+    let skus = run_skus(options.skus);
     let per_sku = planned.div_ceil(skus.len()) as u64;
     for sku in &skus {
-        let response = http
-            .put(format!("{}/stock/{sku}", options.order_url))
-            .json(&json!({ "available": per_sku }))
-            .send()
-            .await
-            .with_context(|| format!("setting stock at {}", options.order_url))?;
-        if !response.status().is_success() {
-            bail!("PUT /stock/{sku}: {}", response.text().await?);
-        }
+        set_stock(http, &options.order_url, sku, per_sku).await?;
     }
     Ok((skus, per_sku))
-}
-
-/// The `i`-th order of a run: its SKU, whether its amount is above the payment limit, and
-/// the request body.
-fn nth_order(i: usize, options: &LoadOptions, skus: &[String]) -> (String, bool, Value) {
-    let sku = skus[i % skus.len()].clone();
-    let declined = options.decline_every > 0 && i.is_multiple_of(options.decline_every);
-    let amount = if declined {
-        options.payment_limit + 1
-    } else {
-        1 + (i as i64 % options.payment_limit.max(1))
-    };
-    let body = json!([{ "userId": Uuid::new_v4(), "totalAmount": amount,
-                        "items": [{ "sku": sku, "quantity": 1 }] }]);
-    (sku, declined, body)
-}
-
-/// One `POST /orders` of one order: its id, or `None` when it was left out for want of stock.
-async fn post_order(
-    http: &reqwest::Client,
-    url: &str,
-    body: &Value,
-) -> anyhow::Result<Option<Uuid>> {
-    let response = http.post(url).json(body).send().await?;
-    let status = response.status();
-    let ids: Value = response.json().await?;
-    if status.as_u16() != 201 {
-        bail!("POST /orders answered {status}: {ids}");
-    }
-    Ok(ids
-        .as_array()
-        .and_then(|ids| ids.first())
-        .and_then(Value::as_str)
-        .map(Uuid::parse_str)
-        .transpose()?)
 }
 
 /// What the sending phase produced.
@@ -448,7 +406,8 @@ pub async fn run_closed(http: &reqwest::Client, options: &LoadOptions) -> anyhow
     let url = format!("{}/orders", options.order_url);
     let posts = stream::iter(0..options.orders)
         .map(|i| {
-            let (sku, declined, body) = nth_order(i, options, &skus);
+            let (sku, declined, body) =
+                nth_order(i, options.decline_every, options.payment_limit, &skus);
             let (http, bar, url) = (http.clone(), bar.clone(), url.clone());
             async move {
                 let (sent_at, posted_at) = (Utc::now(), Instant::now());
@@ -517,7 +476,8 @@ pub async fn run_open(
             bar.inc(1);
             continue;
         };
-        let (sku, declined, body) = nth_order(i, options, &skus);
+        let (sku, declined, body) =
+            nth_order(i, options.decline_every, options.payment_limit, &skus);
         let sent_at = started_utc + chrono::Duration::from_std(*offset)?;
         let (http, bar, url) = (http.clone(), bar.clone(), url.clone());
         tasks.spawn(async move {
@@ -698,26 +658,9 @@ async fn check_invariants(
         }
     }
     for sku in skus {
-        let stock: Value = http
-            .get(format!("{}/stock/{sku}", options.order_url))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let field = |name: &str| stock[name].as_u64().unwrap_or(u64::MAX);
-        let (available, held, sold) = (field("available"), field("held"), field("sold"));
-        if available.saturating_add(held).saturating_add(sold) != per_sku {
-            violations.push(format!(
-                "{sku}: available {available} + held {held} + sold {sold} != {per_sku}"
-            ));
-        }
-        if held != 0 {
-            violations.push(format!("{sku}: {held} units still held"));
-        }
+        let stock = stock_of(http, &options.order_url, sku).await?;
         let shipped = sold_per_sku.get(sku.as_str()).copied().unwrap_or(0);
-        if sold != shipped {
-            violations.push(format!("{sku}: sold {sold} but {shipped} orders shipped"));
-        }
+        violations.extend(stock_violations(sku, stock, per_sku, shipped));
     }
     let checks = stream::iter(orders)
         .map(|order| async move {
