@@ -22,11 +22,16 @@
 //!   with the `sqlx` feature, `sqlstate::is_retryable` classifies a whole `sqlx::Error`).
 //! - [`backoff`]: [`Backoff`], the exponential backoff with equal jitter used by the relay,
 //!   the consumer runtime, the reservation store and the saga coordinator.
+//! - `migrate` (feature `sqlx`): the versioned schema migrator every crate runs its
+//!   migrations with, and that applications can run from their own tooling.
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backoff;
 pub mod headers;
+#[cfg(feature = "sqlx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
+pub mod migrate;
 pub mod sqlstate;
 
 pub use backoff::Backoff;

@@ -108,7 +108,7 @@ pub use definition::{
 };
 pub use error::Error;
 pub use machine::IgnoreReason;
-pub use migrate::migrate;
+pub use migrate::{migrate, MIGRATOR};
 pub use model::{HistoryEntry, Outcome, SagaInstance, SagaStatus, StepKind, Transition};
 pub use reply::{headers, CommandContext, SagaReply, REPLY_EVENT_TYPE};
 pub use reply_handler::ReplyHandler;
