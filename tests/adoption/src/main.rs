@@ -48,42 +48,72 @@ async fn main() -> anyhow::Result<()> {
     // Outbox + relay.
     let outbox = Outbox::new();
     outbox.migrate(&pool).await?;
-    let order = OrderPlaced { order_id: "o-1".into(), sku: "sku-1".into(), cents: 4200 };
+    let order = OrderPlaced {
+        order_id: "o-1".into(),
+        sku: "sku-1".into(),
+        cents: 4200,
+    };
     let mut tx = pool.begin().await?;
     outbox
-        .record(&mut *tx, NewEvent::json("orders", "o-1", "OrderPlaced", &order)?)
+        .record(
+            &mut *tx,
+            NewEvent::json("orders", "o-1", "OrderPlaced", &order)?,
+        )
         .await?;
     tx.commit().await?;
-    let relay = Relay::builder(pool.clone(), outbox.clone(), KafkaPublisher::new("127.0.0.1:9092")?)
-        .build()?;
+    let relay = Relay::builder(
+        pool.clone(),
+        outbox.clone(),
+        KafkaPublisher::new("127.0.0.1:9092")?,
+    )
+    .build()?;
     let relay = relay.spawn(cancel.clone());
 
     // Inbox: the guard alone, and the consumer runtime around it.
     eventful::idempotency::migrate(&pool).await?;
     let guard = ProcessedEvents::new("billing");
     let mut tx = pool.begin().await?;
-    let _first = guard.check_and_record(&mut tx, uuid::Uuid::new_v4()).await?;
+    let _first = guard
+        .check_and_record(&mut tx, uuid::Uuid::new_v4())
+        .await?;
     tx.commit().await?;
-    let inbox = InboxConsumer::builder(ConsumerOptions::new("127.0.0.1:9092", "billing", "billing"), pool.clone())
-        .topic("orders")
-        .handler("OrderPlaced", Invoice)
-        .build()?;
+    let inbox = InboxConsumer::builder(
+        ConsumerOptions::new("127.0.0.1:9092", "billing", "billing"),
+        pool.clone(),
+    )
+    .topic("orders")
+    .handler("OrderPlaced", Invoice)
+    .build()?;
     let inbox = inbox.spawn(cancel.clone());
 
     // Redis reservations.
-    let store = RedisReservations::builder("redis://127.0.0.1:6379").connect().await?;
+    let store = RedisReservations::builder("redis://127.0.0.1:6379")
+        .connect()
+        .await?;
     store.set_stock("sku-1", 10).await?;
-    let hold = store.reserve("o-1", &[("sku-1", 2)], Duration::from_secs(900)).await?;
+    let hold = store
+        .reserve("o-1", &[("sku-1", 2)], Duration::from_secs(900))
+        .await?;
     store.confirm(&hold.id).await?;
     let reaper = Reaper::new(Arc::new(store.clone())).spawn(cancel.clone());
 
     // A two-step saga.
     let checkout = SagaDefinition::<OrderPlaced>::new("checkout")
         .step(
-            Step::new("reserve", Command::new("inventory", "ReserveStock", |o: &OrderPlaced| o.sku.clone()))
-                .compensate_with(Command::new("inventory", "ReleaseStock", |o: &OrderPlaced| o.sku.clone())),
+            Step::new(
+                "reserve",
+                Command::new("inventory", "ReserveStock", |o: &OrderPlaced| o.sku.clone()),
+            )
+            .compensate_with(Command::new(
+                "inventory",
+                "ReleaseStock",
+                |o: &OrderPlaced| o.sku.clone(),
+            )),
         )
-        .step(Step::new("pay", Command::new("payments", "Charge", |o: &OrderPlaced| o.cents)));
+        .step(Step::new(
+            "pay",
+            Command::new("payments", "Charge", |o: &OrderPlaced| o.cents),
+        ));
     let coordinator = Coordinator::builder(pool.clone(), outbox)
         .reply_topic("saga-replies")
         .saga(checkout)
@@ -98,4 +128,3 @@ async fn main() -> anyhow::Result<()> {
     let _ = (relay.await, inbox.await, reaper.await);
     Ok(())
 }
-
