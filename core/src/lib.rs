@@ -4,6 +4,9 @@
 
 pub mod backoff;
 pub mod headers;
+#[cfg(feature = "sqlx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
+pub mod migrate;
 pub mod sqlstate;
 
 pub use backoff::Backoff;

@@ -62,8 +62,10 @@ pub fn is_retryable_sqlstate(code: &str) -> bool {
 /// - A closed pool: retryable. It happens while the application shuts down, when a
 ///   permanent verdict would dead-letter or park a good event; the retry loop ends with the
 ///   shutdown instead.
-/// - A migration error: the classification of the database error it wraps, if any;
-///   otherwise permanent (missing or modified migrations).
+/// - A `sqlx::Error::Migrate` (only an application's own sqlx migrator raises it; the
+///   Eventful crates use [`crate::migrate`], whose
+///   [`MigrateError::is_retryable`](crate::migrate::MigrateError::is_retryable)
+///   classifies its own errors): permanent.
 /// - Everything else (configuration, encode/decode, row or column not found, …): permanent.
 #[cfg(feature = "sqlx")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
@@ -76,11 +78,6 @@ pub fn is_retryable(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Migrate(migrate) => match &**migrate {
-            sqlx::migrate::MigrateError::Execute(e)
-            | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => is_retryable(e),
-            _ => false,
-        },
         _ => false,
     }
 }
@@ -218,7 +215,6 @@ mod tests {
 
         #[test]
         fn connection_and_pool_errors_are_retryable_the_rest_permanent() {
-            use sqlx::migrate::MigrateError;
             let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
             let table: Vec<(&str, sqlx::Error, bool)> = vec![
                 ("io", sqlx::Error::Io(io()), true),
@@ -227,24 +223,6 @@ mod tests {
                 ("pool timed out", sqlx::Error::PoolTimedOut, true),
                 ("pool closed", sqlx::Error::PoolClosed, true),
                 ("worker crashed", sqlx::Error::WorkerCrashed, true),
-                (
-                    "migration, connection lost",
-                    sqlx::Error::Migrate(Box::new(MigrateError::Execute(sqlx::Error::Io(io())))),
-                    true,
-                ),
-                (
-                    "migration, bad SQL",
-                    sqlx::Error::Migrate(Box::new(MigrateError::ExecuteMigration(
-                        database("42601"),
-                        1,
-                    ))),
-                    false,
-                ),
-                (
-                    "migration modified",
-                    sqlx::Error::Migrate(Box::new(MigrateError::VersionMismatch(1))),
-                    false,
-                ),
                 ("row not found", sqlx::Error::RowNotFound, false),
                 (
                     "configuration",

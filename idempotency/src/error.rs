@@ -11,9 +11,9 @@ pub enum Error {
     /// A PostgreSQL error (connection, query, constraint).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// The embedded schema could not be applied.
+    /// The embedded schema could not be applied (see [`eventful_core::migrate`]).
     #[error("migration failed: {0}")]
-    Migration(#[source] sqlx::Error),
+    Migration(#[from] eventful_core::migrate::MigrateError),
     /// A stored result or payload could not be (de)serialized.
     #[error("serialization error: {0}")]
     Serialization(#[from] serde_json::Error),
@@ -41,7 +41,8 @@ impl Error {
     /// are not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(e) | Error::Migration(e) => eventful_core::sqlstate::is_retryable(e),
+            Error::Database(e) => eventful_core::sqlstate::is_retryable(e),
+            Error::Migration(e) => e.is_retryable(),
             #[cfg(feature = "kafka")]
             Error::Kafka(_) => true,
             #[cfg(feature = "kafka")]

@@ -28,8 +28,9 @@
 //! | HTTP response larger than [`IdempotencyLayer::max_body_bytes`] | returned whole; the key keeps the status only: retries get `409 idempotency_response_not_stored` |
 //!
 //! Dead-lettered events are not recorded by the guard: replaying them (after a fix) works.
-//! The schema is created by [`migrate`] (plain `CREATE .. IF NOT EXISTS` files from
-//! `migrations/`, applied under an advisory lock).
+//! The schema is created and upgraded by [`migrate`]: the `.sql` files of `migrations/`,
+//! applied by the versioned [`MIGRATOR`] (`eventful_core::migrate`: each version once, under
+//! an advisory lock, recorded as component `eventful-idempotency`).
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
@@ -49,7 +50,7 @@ pub use eventful_core::headers;
 pub use eventful_core::Backoff;
 pub use guard::{Processed, ProcessedEvents};
 pub use handler::{BoxError, EventHandler, HandlerError};
-pub use migrate::{apply_idempotent_schema, migrate};
+pub use migrate::{migrate, MIGRATOR};
 pub use retention::Retention;
 
 /// Re-exported so handler implementations need no extra dependency.

@@ -1,6 +1,8 @@
 -- eventful-outbox schema, version 1.
--- Placeholders: {schema}, {table}, {partitions}. Applied by Outbox::migrate inside one
--- transaction under an advisory lock; the version is tracked in {table}_migrations.
+-- Placeholders: {schema}, {table}, {partitions}. Applied once by Outbox::migrate (the shared
+-- versioned migrator, component eventful-outbox/{schema}.{table}); never edit it: add a version.
+
+CREATE SCHEMA IF NOT EXISTS "{schema}";
 
 CREATE TABLE IF NOT EXISTS "{schema}"."{table}" (
     seq             BIGSERIAL PRIMARY KEY,

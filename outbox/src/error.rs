@@ -15,6 +15,9 @@ pub enum Error {
     /// statements and program limits are not.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The schema could not be migrated (see [`eventful_core::migrate`]).
+    #[error("migration failed: {0}")]
+    Migration(#[from] eventful_core::migrate::MigrateError),
     /// The payload could not be serialized to JSON. Permanent.
     #[error("cannot serialize the event payload to JSON: {0}")]
     Serialize(#[from] serde_json::Error),
@@ -46,6 +49,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Database(e) => eventful_core::sqlstate::is_retryable(e),
+            Error::Migration(e) => e.is_retryable(),
             Error::PublishRetryable(_) => true,
             Error::Serialize(_)
             | Error::Config(_)

@@ -1,17 +1,18 @@
-//! Schema migrations: plain `.sql` files in `migrations/`, embedded in the crate.
+//! Schema migrations: plain `.sql` files in `migrations/`, embedded in the crate and applied
+//! by the shared versioned migrator ([`eventful_core::migrate`]).
 //!
-//! `sqlx::migrate!` needs static SQL, but the table names here are configurable, so the
-//! files carry `{schema}` / `{table}` placeholders and the applied versions are tracked in
-//! `<table>_migrations`. Everything runs in one transaction under an advisory lock, so
-//! concurrent `migrate` calls (several replicas starting at once) are safe and idempotent.
+//! The table names are configurable, so the files carry `{schema}` / `{table}` /
+//! `{partitions}` placeholders, rendered per outbox; the applied versions are recorded under
+//! the component `eventful-outbox/<schema>.<table>`, so several outbox tables (and the other
+//! crates) share one database. Databases migrated by releases that kept their versions in
+//! `<table>_migrations` are adopted: those versions are recorded, then that table is dropped.
 
-use sqlx::{Executor as _, PgPool};
+use eventful_core::migrate::{Migration, Migrator};
 
-use crate::sql::{Sql, MIGRATE_LOCK};
-use crate::Error;
+use crate::sql::Sql;
 
-/// `(version, description, SQL template)`, in order.
-const MIGRATIONS: &[(i32, &str, &str)] = &[
+/// `(version, description, SQL template)`, in order. Never edit an applied version: add one.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "outbox, leases and relays tables",
@@ -24,42 +25,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
-pub(crate) async fn run(pool: &PgPool, sql: &Sql) -> Result<(), Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(MIGRATE_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    let create_schema = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", sql.schema);
-    tx.execute(create_schema.as_str()).await?;
-    let create_versions = format!(
-        "CREATE TABLE IF NOT EXISTS {} (\
-            version INT PRIMARY KEY, \
-            description TEXT NOT NULL, \
-            applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-        sql.migrations_table
-    );
-    tx.execute(create_versions.as_str()).await?;
-    let applied: Vec<i32> =
-        sqlx::query_scalar(&format!("SELECT version FROM {}", sql.migrations_table))
-            .fetch_all(&mut *tx)
-            .await?;
-    for (version, description, template) in MIGRATIONS {
-        if applied.contains(version) {
-            continue;
-        }
-        tracing::info!(version, description, "applying outbox migration");
-        let script = sql.render(template);
-        tx.execute(script.as_str()).await?;
-        sqlx::query(&format!(
-            "INSERT INTO {} (version, description) VALUES ($1, $2)",
-            sql.migrations_table
-        ))
-        .bind(version)
-        .bind(description)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
+pub(crate) fn migrator(sql: &Sql) -> Migrator {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|(version, description, template)| {
+            Migration::owned(*version, *description, sql.render(template))
+        })
+        .collect();
+    Migrator::from_migrations(
+        format!("eventful-outbox/{}.{}", sql.schema, sql.table),
+        migrations,
+    )
+    .adopt_legacy_versions(sql.migrations_table.clone())
 }

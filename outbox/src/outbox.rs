@@ -216,11 +216,20 @@ impl Outbox {
         &self.inner.sql.channel
     }
 
-    /// Creates or upgrades the outbox tables (idempotent; safe to call from several
-    /// processes at once: the migration runs in one transaction under an advisory lock).
+    /// Creates or upgrades the outbox tables with [`Outbox::migrator`] (each version once;
+    /// safe to call from several processes at once and at every start).
     #[tracing::instrument(skip_all, fields(table = %self.qualified_table()))]
     pub async fn migrate(&self, pool: &PgPool) -> Result<(), Error> {
-        crate::migrate::run(pool, &self.inner.sql).await
+        self.migrator().run(pool).await?;
+        Ok(())
+    }
+
+    /// The migrations of this outbox's tables (rendered for its schema and table), for
+    /// applications that run migrations from their own tooling: `pending(&pool)` lists what a
+    /// deploy would apply, `run(&pool)` applies it. Versions are recorded under the component
+    /// `eventful-outbox/<schema>.<table>` (see [`eventful_core::migrate`]).
+    pub fn migrator(&self) -> eventful_core::migrate::Migrator {
+        crate::migrate::migrator(&self.inner.sql)
     }
 
     /// Records one event in the caller's transaction; returns its id.

@@ -4,10 +4,6 @@
 /// migration creates one lease row per partition), so every process agrees on it.
 pub(crate) const PARTITIONS: i32 = 64;
 
-/// Advisory lock taken by every `migrate` (one constant for all outbox tables, so that
-/// `CREATE SCHEMA IF NOT EXISTS` of two tables in the same schema cannot race).
-pub(crate) const MIGRATE_LOCK: i64 = 0x6576_656e_7466_6d31; // "eventfm1"
-
 /// FNV-1a, 64 bit: a stable hash (the same in every process and release).
 pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -23,6 +19,7 @@ pub(crate) struct Sql {
     pub(crate) table: String,
     pub(crate) channel: String,
     lock_prefix: Vec<u8>,
+    /// Where releases before the shared migrator recorded versions (adopted, then dropped).
     pub(crate) migrations_table: String,
     pub(crate) lock_keys_and_notify: String,
     pub(crate) insert: String,

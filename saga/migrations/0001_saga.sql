@@ -1,5 +1,5 @@
--- eventful-saga: saga instances and their transition history (applied idempotently by
--- `eventful_saga::migrate`, not `sqlx::migrate!`: `_sqlx_migrations` is shared by every crate).
+-- eventful-saga, version 1: saga instances and their transition history. Applied once by
+-- `eventful_saga::migrate` (the shared versioned migrator); never edit an applied version.
 
 CREATE TABLE IF NOT EXISTS eventful_saga_instances (
     id            UUID        PRIMARY KEY,

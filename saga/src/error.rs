@@ -14,9 +14,9 @@ pub enum Error {
     /// A PostgreSQL error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// The embedded schema could not be applied.
+    /// The embedded schema could not be applied (see [`eventful_core::migrate`]).
     #[error("migration failed: {0}")]
-    Migration(#[source] sqlx::Error),
+    Migration(#[from] eventful_core::migrate::MigrateError),
     /// Recording a command in the outbox failed.
     #[error("outbox: {0}")]
     Outbox(#[from] eventful_outbox::Error),
@@ -68,7 +68,8 @@ impl Error {
     /// `true` when retrying the same operation (in a new transaction) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(e) | Error::Migration(e) => sqlstate::is_retryable(e),
+            Error::Database(e) => sqlstate::is_retryable(e),
+            Error::Migration(e) => e.is_retryable(),
             Error::Outbox(e) => e.is_retryable(),
             Error::Idempotency(e) => e.is_retryable(),
             Error::Conflict { .. } => true,

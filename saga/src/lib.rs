@@ -48,7 +48,7 @@ pub use error::Error;
 /// The retry backoff every builder's `backoff` setter takes (from `eventful-core`).
 pub use eventful_core::Backoff;
 pub use machine::IgnoreReason;
-pub use migrate::migrate;
+pub use migrate::{migrate, MIGRATOR};
 pub use model::{HistoryEntry, Outcome, SagaInstance, SagaStatus, StepKind, Transition};
 pub use reply::{headers, CommandContext, SagaReply, REPLY_EVENT_TYPE};
 pub use reply_handler::ReplyHandler;
