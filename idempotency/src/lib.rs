@@ -64,9 +64,10 @@
 //! - **At-least-once consumption**: an offset is stored only after its transaction
 //!   committed (or the message was dead-lettered / skipped); librdkafka commits stored
 //!   offsets periodically, for revoked partitions on rebalance, and on close.
-//! - **Order per partition**: one worker per partition, one message at a time; a transient
-//!   failure blocks its partition (retried with exponential backoff and jitter) but not the
-//!   others.
+//! - **Order per partition**: one worker per partition, its messages in offset order (several
+//!   of them in one transaction when the partition is behind, see
+//!   [`InboxConsumerBuilder::max_batch`]); a transient failure blocks its partition (retried
+//!   with exponential backoff and jitter) but not the others.
 //! - **HTTP**: for one key, scope and request, the handler runs at most once per TTL: any
 //!   response it gave (5xx included) is replayed; a request that did not answer (timeout,
 //!   disconnect, panic, crash) is reported as abandoned, not run again. Only `429` and
@@ -76,7 +77,8 @@
 //! # Failure modes
 //! | failure | what happens |
 //! |---|---|
-//! | crash after COMMIT, before the offset commit | redelivered, guard says `Duplicate`, nothing applied |
+//! | crash after COMMIT, before the offset commit | redelivered, guard says `Duplicate`, nothing applied (for every event of the committed batch) |
+//! | a handler fails inside a batch | the batch is rolled back; the events before it are applied again as a batch, the failing one is retried or dead-lettered alone, the rest go on |
 //! | crash before COMMIT | transaction rolled back; redelivered and applied then |
 //! | rebalance while a message is in flight | it finishes; the new owner may redeliver it: `Duplicate` |
 //! | handler returns [`HandlerError::Transient`], PostgreSQL down | retried with backoff, partition waits (optionally dead-lettered after [`InboxConsumerBuilder::max_attempts`]) |
