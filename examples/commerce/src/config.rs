@@ -44,6 +44,9 @@ pub struct Settings {
     /// Stock the order service gives the default SKU at start when it has none yet, so the
     /// reference request (no `items`) works on a fresh system; existing stock is kept.
     pub default_sku_stock: u64,
+    /// Most events of one partition an inbox applies in one transaction (`1`: one
+    /// transaction per event).
+    pub inbox_max_batch: usize,
 }
 
 impl Settings {
@@ -70,6 +73,10 @@ impl Settings {
             payment_limit: parse("PAYMENT_LIMIT", 100_000)?,
             session_timeout: Duration::from_millis(parse("COMMERCE_SESSION_TIMEOUT_MS", 10_000)?),
             default_sku_stock: parse("ORDER_DEFAULT_SKU_STOCK", 1_000)?,
+            inbox_max_batch: parse(
+                "COMMERCE_INBOX_MAX_BATCH",
+                eventful_idempotency::consumer::DEFAULT_MAX_BATCH,
+            )?,
         })
     }
 
