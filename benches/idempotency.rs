@@ -7,8 +7,10 @@
 //! - `no guard`: `BEGIN; INSERT effect; COMMIT`
 //! - `guard, first delivery`: `BEGIN; check_and_record → First; INSERT effect; COMMIT`
 //! - `guard, duplicate`: `BEGIN; check_and_record → Duplicate; COMMIT` (nothing applied)
-//! - `inbox runtime`: the full consumer (Kafka fetch, envelope, guard, handler, offsets),
-//!   4 partitions, timed from the first to the last applied event;
+//! - `inbox runtime, batch N`: the full consumer (Kafka fetch, envelope, guard, handler,
+//!   offsets), 4 partitions, timed from the first to the last applied event, with
+//!   `max_batch(N)` (`batch 1` is one transaction per event; the batch sizes come from
+//!   `BENCH_INBOX_BATCHES`, default `1,64`), each on its own cold topic;
 //! - `broker read`: the ceiling for that row, a bare `StreamConsumer` reading an identical
 //!   topic (both topics read cold, right after being filled).
 //!
@@ -30,6 +32,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 const EVENTS: usize = 2_000;
+/// Events per topic in the Kafka section: enough that a batched inbox runs for a while.
+const INBOX_EVENTS: usize = 20_000;
 const ROUNDS: usize = 3;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -179,6 +183,7 @@ async fn inbox_throughput(
     pool: &PgPool,
     topic: &str,
     events: usize,
+    max_batch: usize,
 ) -> anyhow::Result<f64> {
     let applied = Arc::new(AtomicUsize::new(0));
     let first = Arc::new(std::sync::Mutex::new(None::<Instant>));
@@ -187,6 +192,7 @@ async fn inbox_throughput(
         InboxConsumer::builder(ConsumerOptions::new(brokers, &group, &group), pool.clone())
             .topic(topic)
             .handler("Tick", Effect(applied.clone()))
+            .max_batch(max_batch)
             .on_delivery({
                 let first = first.clone();
                 move |_| {
@@ -279,20 +285,42 @@ async fn main() -> anyhow::Result<()> {
         // not skew the figure.
         let broker = KafkaBroker::start().await;
         let brokers = broker.brokers();
-        let (raw_topic, inbox_topic) = (
-            fill_topic(&brokers, EVENTS).await?,
-            fill_topic(&brokers, EVENTS).await?,
-        );
-        match raw_read_rate(&brokers, &raw_topic, EVENTS).await {
-            Ok(raw) => println!(
-                "{:<28} {:>25.0}   (ceiling: bare StreamConsumer, no DB, cold topic)",
-                "broker read", raw
-            ),
-            Err(e) => println!("{:<28} {:>25}   ({e})", "broker read", "failed"),
+        let batches: Vec<usize> = std::env::var("BENCH_INBOX_BATCHES")
+            .unwrap_or_else(|_| "1,64".into())
+            .split(',')
+            .map(|b| b.trim().parse())
+            .collect::<Result<_, _>>()?;
+        let raw_topic = fill_topic(&brokers, INBOX_EVENTS).await?;
+        let mut inbox_topics = Vec::new();
+        for _ in &batches {
+            inbox_topics.push(fill_topic(&brokers, INBOX_EVENTS).await?);
         }
-        match inbox_throughput(&brokers, &db.pool, &inbox_topic, EVENTS).await {
-            Ok(rate) => println!("{:<28} {:>25.0}   (4 partitions: fetch, envelope, guard, handler, offsets; cold topic)", "inbox runtime", rate),
-            Err(e) => println!("{:<28} {:>25}   ({e})", "inbox runtime", "failed"),
+        let raw = match raw_read_rate(&brokers, &raw_topic, INBOX_EVENTS).await {
+            Ok(raw) => {
+                println!(
+                    "{:<28} {:>25.0}   (ceiling: bare StreamConsumer, no DB, cold topic)",
+                    "broker read", raw
+                );
+                Some(raw)
+            }
+            Err(e) => {
+                println!("{:<28} {:>25}   ({e})", "broker read", "failed");
+                None
+            }
+        };
+        for (batch, topic) in batches.iter().zip(&inbox_topics) {
+            let name = format!("inbox runtime, batch {batch}");
+            match inbox_throughput(&brokers, &db.pool, topic, INBOX_EVENTS, *batch).await {
+                Ok(rate) => {
+                    let share = raw
+                        .map(|raw| format!("{:.1}% of broker read; ", rate / raw * 100.0))
+                        .unwrap_or_default();
+                    println!(
+                        "{name:<28} {rate:>25.0}   ({share}4 partitions: fetch, envelope, guard, handler, offsets; cold topic)"
+                    )
+                }
+                Err(e) => println!("{name:<28} {:>25}   ({e})", "failed"),
+            }
         }
     }
     Ok(())

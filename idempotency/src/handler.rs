@@ -15,6 +15,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// guard, and calls the handler only for the first delivery; the handler's writes on `tx`
 /// commit together with the guard's record. Returning an error rolls both back.
 ///
+/// The inbox runtime may share that transaction with other events of the same partition
+/// (a batch, see `InboxConsumerBuilder::max_batch`, feature `kafka`):
+/// the handler sees their earlier writes, and if it fails the batch is rolled back and its
+/// other events are applied again without it, so their handlers may run more than once
+/// (only one run commits).
+///
 /// ```
 /// use eventful_idempotency::{EventHandler, EventMeta, HandlerError};
 ///

@@ -15,7 +15,8 @@
 //! ## Failure modes
 //! | failure | what happens |
 //! |---|---|
-//! | crash after COMMIT, before the offset commit | redelivered, guard says `Duplicate`, nothing applied |
+//! | crash after COMMIT, before the offset commit | redelivered, guard says `Duplicate`, nothing applied (for every event of the committed batch) |
+//! | a handler fails inside a batch | the batch is rolled back; the events before it are applied again as a batch, the failing one is retried or dead-lettered alone, the rest go on |
 //! | crash before COMMIT | transaction rolled back; redelivered and applied then |
 //! | rebalance while a message is in flight | it finishes; the new owner may redeliver it: `Duplicate` |
 //! | handler returns [`HandlerError::Transient`], PostgreSQL down | retried with backoff, partition waits (optionally dead-lettered after [`InboxConsumerBuilder::max_attempts`]) |

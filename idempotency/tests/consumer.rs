@@ -432,6 +432,8 @@ async fn serial_crash_between_db_commit_and_offset_commit_redelivers_a_duplicate
     let consumer = InboxConsumer::builder(options(&brokers, &group), db.pool.clone())
         .topic(&topic)
         .handler("OrderPlaced", RecordEffect { instance: "first" })
+        // One transaction per event: the batched path has its own test below.
+        .max_batch(1)
         .on_delivery({
             let log = log_1.clone();
             move |delivery: Delivery| {
@@ -504,6 +506,132 @@ async fn serial_crash_between_db_commit_and_offset_commit_redelivers_a_duplicate
         .map(|d| d.event_id.unwrap())
         .collect();
     assert_eq!(applied_second, vec![ids[4], ids[5]]);
+}
+
+/// The same crash with batches: the victim's batch committed, offsets stored only up to the
+/// victim; after the restart every event is applied exactly once and what was committed
+/// comes back as a duplicate.
+#[tokio::test]
+async fn serial_crash_between_batch_commit_and_offset_commit_redelivers_duplicates() {
+    eventful_test_support::init_tracing();
+    let db = database().await;
+    let brokers = kafka::brokers();
+    let topic = format!("inbox-{}", Uuid::new_v4().simple());
+    kafka::create_topic_on(&brokers, &topic, 1).await;
+    let group = format!("inbox-{}", Uuid::new_v4().simple());
+    let producer = kafka::producer(&brokers);
+    let ids: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+    let events: Vec<Event> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| order(*id, i as i64, "k".into()))
+        .collect();
+    produce(&producer, &topic, &events).await;
+
+    // First run (batched, the default): the hook for event 3 signals and then never returns,
+    // so the worker is stuck after its batch's COMMIT and before event 3's offset is
+    // stored. Then the consumer task is aborted (crash).
+    let victim = ids[3];
+    let (crashed_tx, crashed_rx) = tokio::sync::oneshot::channel::<()>();
+    let crashed_tx = Arc::new(Mutex::new(Some(crashed_tx)));
+    let log_1 = Log::default();
+    let consumer = InboxConsumer::builder(options(&brokers, &group), db.pool.clone())
+        .topic(&topic)
+        .handler("OrderPlaced", RecordEffect { instance: "first" })
+        .on_delivery({
+            let log = log_1.clone();
+            move |delivery: Delivery| {
+                let hit = delivery.event_id == Some(victim);
+                log.0.lock().unwrap().push(delivery);
+                let signal = if hit {
+                    crashed_tx.lock().unwrap().take()
+                } else {
+                    None
+                };
+                async move {
+                    if let Some(signal) = signal {
+                        let _ = signal.send(());
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let task = consumer.spawn(CancellationToken::new());
+    tokio::time::timeout(Duration::from_secs(60), crashed_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    // The victim's batch committed whole (events after it included, when they shared it).
+    let committed = effects(&db.pool).await;
+    assert!(
+        committed.0 >= 4 && committed.0 == committed.1,
+        "{committed:?}"
+    );
+
+    // Restart in the same group.
+    let log_2 = Log::default();
+    let (cancel, task) = start(
+        &brokers,
+        &group,
+        &topic,
+        &db.pool,
+        RecordEffect { instance: "second" },
+        &log_2,
+        |b| b,
+    );
+    // Everything may already be committed: wait for the restarted consumer to settle the
+    // last event instead.
+    let last = ids[5];
+    wait_until(
+        "the restarted consumer settles the last event",
+        Duration::from_secs(60),
+        || {
+            let log = log_2.clone();
+            async move { log.count(|d| d.event_id == Some(last)) >= 1 }
+        },
+    )
+    .await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+
+    let redelivered: Vec<Delivery> = log_2
+        .all()
+        .into_iter()
+        .filter(|d| d.event_id == Some(victim))
+        .collect();
+    assert_eq!(redelivered.len(), 1, "the victim was redelivered once");
+    assert_eq!(
+        redelivered[0].outcome,
+        Outcome::Duplicate,
+        "and recognised as a duplicate"
+    );
+    assert_eq!(effects(&db.pool).await, (6, 6), "nothing applied twice");
+    // Every event applied exactly once over both runs; what the first run committed (reported
+    // or not) comes back, if at all, as a duplicate.
+    let applied_first: Vec<Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM effects WHERE instance = 'first'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(applied_first.len() as i64, committed.0);
+    for delivery in log_2.all() {
+        let id = delivery.event_id.unwrap();
+        let expected = if applied_first.contains(&id) {
+            Outcome::Duplicate
+        } else {
+            Outcome::Applied
+        };
+        assert_eq!(delivery.outcome, expected, "{delivery:?}");
+    }
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT n FROM effects ORDER BY seq")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, (0..6).collect::<Vec<i64>>(), "once each, in order");
 }
 
 /// Unparseable messages, undecodable payloads, permanent handler errors and (with that

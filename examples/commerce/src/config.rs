@@ -75,6 +75,14 @@ pub struct Settings {
     /// reference request (no `items`) works on a fresh system; existing stock is kept.
     #[arg(long, env = "ORDER_DEFAULT_SKU_STOCK", default_value_t = 1_000)]
     pub default_sku_stock: u64,
+    /// Most events of one partition an inbox applies in one transaction (`1`: one
+    /// transaction per event).
+    #[arg(
+        long,
+        env = "COMMERCE_INBOX_MAX_BATCH",
+        default_value_t = eventful_idempotency::consumer::DEFAULT_MAX_BATCH
+    )]
+    pub inbox_max_batch: usize,
 }
 
 impl Settings {

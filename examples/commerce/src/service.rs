@@ -93,6 +93,7 @@ impl ServiceBase {
         .set("heartbeat.interval.ms", "1000");
         InboxConsumer::builder(options, self.pool.clone())
             .topic(&self.settings.topic)
+            .max_batch(self.settings.inbox_max_batch)
             .dead_letter(DeadLetter::Table)
     }
 

@@ -1,7 +1,11 @@
 //! The inbox: a Kafka consumer runtime that applies each event once (feature `kafka`).
 //!
-//! Per message: parse the envelope → `BEGIN` → [`ProcessedEvents::check_and_record`] → typed
-//! handler (first delivery only) → `COMMIT` → only then store the offset. librdkafka commits
+//! Per batch of the messages already queued for a partition (at most
+//! [`InboxConsumerBuilder::max_batch`]): parse the envelopes → `BEGIN` → one guard insert for
+//! every event id → each first delivery's typed handler, in offset order → `COMMIT` → only then
+//! store the offsets. A handler that fails rolls the batch back; the events before it are
+//! applied again as a batch, it is retried or dead-lettered alone, and the rest go on (see
+//! [`InboxConsumerBuilder::max_batch`]). librdkafka commits
 //! stored offsets every `auto.commit.interval.ms` (default 5 s), for revoked partitions on
 //! every rebalance, and on close; shutdown also commits synchronously. Everything that was
 //! committed to PostgreSQL but whose offset was not committed yet is redelivered after a crash
@@ -13,6 +17,9 @@
 //! that panics fails only its event: the panic is caught, the transaction rolled back, and
 //! the event retried and then dead-lettered ([`InboxConsumerBuilder::max_panic_attempts`]).
 
+mod batch;
+#[cfg(test)]
+mod batch_tests;
 mod dead_letter;
 mod options;
 mod partition;
@@ -86,6 +93,9 @@ pub enum UnknownEventType {
     DeadLetter,
 }
 
+/// Default of [`InboxConsumerBuilder::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 64;
+
 type DeliveryHook = Arc<dyn Fn(Delivery) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Why one attempt at a message failed, as the runtime sees it.
@@ -130,6 +140,7 @@ pub(crate) struct Settings {
     pub(crate) backoff: Backoff,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) max_panic_attempts: u32,
+    pub(crate) max_batch: usize,
     pub(crate) on_delivery: Option<DeliveryHook>,
 }
 
@@ -164,6 +175,7 @@ impl InboxConsumer {
             backoff: Backoff::default(),
             max_attempts: None,
             max_panic_attempts: 3,
+            max_batch: DEFAULT_MAX_BATCH,
             partition_buffer: 1024,
             on_delivery: None,
         }
@@ -198,7 +210,8 @@ impl InboxConsumer {
 /// Configures an [`InboxConsumer`]. Defaults: dead letters to the `eventful_dead_letters`
 /// table, unknown event types skipped, a handler that panics dead-lettered after 3
 /// attempts, transient retries forever with exponential backoff
-/// from 100 ms to 30 s, a buffer of 1,024 messages per partition.
+/// from 100 ms to 30 s, batches of up to [`DEFAULT_MAX_BATCH`] events, a buffer of 1,024
+/// messages per partition.
 pub struct InboxConsumerBuilder {
     options: ConsumerOptions,
     pool: PgPool,
@@ -209,6 +222,7 @@ pub struct InboxConsumerBuilder {
     backoff: Backoff,
     max_attempts: Option<u32>,
     max_panic_attempts: u32,
+    max_batch: usize,
     partition_buffer: usize,
     on_delivery: Option<DeliveryHook>,
 }
@@ -273,6 +287,24 @@ impl InboxConsumerBuilder {
         self
     }
 
+    /// Most events of one partition applied in one transaction (default
+    /// [`DEFAULT_MAX_BATCH`]; 1 gives one transaction per event).
+    ///
+    /// A batch is what is already queued for the partition when its worker is free: the
+    /// runtime never waits to fill one, so a lone event is not delayed, and batches grow
+    /// only while the partition is behind. One `BEGIN`, one multi-row guard insert, each
+    /// first delivery's handler on the same transaction in offset order, one `COMMIT`;
+    /// then each message is reported and its offset stored. If a handler fails or panics,
+    /// the batch is rolled back and split: the events before it are applied again as a
+    /// batch (their handlers run again; nothing of the rolled-back attempt committed), the
+    /// failing event is retried or dead-lettered alone, and the events after it go on. A
+    /// handler therefore shares its transaction with the other events of its batch: it
+    /// sees their writes, and locks it takes are held until the batch commits.
+    pub fn max_batch(mut self, events: usize) -> Self {
+        self.max_batch = events.max(1);
+        self
+    }
+
     /// Messages buffered per partition before the partition is paused in the client
     /// (default 1,024); it resumes once half of them are processed. Pausing makes
     /// librdkafka drop and later refetch what it had prefetched for the partition, so keep
@@ -323,6 +355,7 @@ impl InboxConsumerBuilder {
                 backoff: self.backoff,
                 max_attempts: self.max_attempts,
                 max_panic_attempts: self.max_panic_attempts,
+                max_batch: self.max_batch,
                 on_delivery: self.on_delivery,
             }),
             options: self.options,

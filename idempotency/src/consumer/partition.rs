@@ -1,4 +1,4 @@
-//! One partition's worker: processes its messages in order, one transaction each.
+//! One partition's worker: processes its messages in order, in batches of what is queued.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use super::batch::{self, BatchResult, Prepared};
 use super::{Delivery, Failure, Outcome, Settings, UnknownEventType};
 use crate::{EventMeta, HandlerError, Processed};
 
@@ -29,7 +30,7 @@ pub(crate) trait OffsetStore: Send + Sync + 'static {
     fn store(&self, topic: &str, partition: i32, next_offset: i64);
 }
 
-/// Runs one partition until its channel closes or `stop` fires (after the in-flight message).
+/// Runs one partition until its channel closes or `stop` fires (after the in-flight batch).
 ///
 /// `previous` are completion signals of earlier workers of the same partition (a revoked and
 /// reassigned partition): this worker starts after they ended, so offsets never go backwards.
@@ -44,6 +45,8 @@ pub(crate) async fn run_partition(
     for earlier in previous {
         let _ = earlier.await;
     }
+    let max_batch = settings.max_batch.max(1);
+    let mut batch = Vec::with_capacity(max_batch);
     loop {
         let message = tokio::select! {
             biased;
@@ -53,27 +56,156 @@ pub(crate) async fn run_partition(
                 None => return,
             },
         };
-        let span = tracing::info_span!(
-            "inbox.message",
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-        );
-        let Some(delivery) = process(&settings, &message, &stop).instrument(span).await else {
-            // Interrupted by shutdown/revocation while waiting to retry: the offset is not
-            // stored, the message will be redelivered.
-            return;
-        };
-        if let Some(hook) = &settings.on_delivery {
-            // The message is settled: a panicking hook must not kill the partition.
-            if let Err(panic) = AssertUnwindSafe(async { hook(delivery).await })
-                .catch_unwind()
-                .await
-            {
-                tracing::error!(panic = %panic_message(&*panic), "on_delivery hook panicked");
+        batch.clear();
+        batch.push(message);
+        // Only what is already queued, never waiting for more: batches form when the
+        // partition is behind, and a lone event is not delayed.
+        while batch.len() < max_batch {
+            match messages.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
             }
         }
-        offsets.store(&message.topic, message.partition, message.offset + 1);
+        if !settle_batch(&settings, offsets.as_ref(), &batch, &stop).await {
+            // Interrupted by shutdown/revocation while waiting to retry: the offsets of the
+            // unsettled messages are not stored, they will be redelivered.
+            return;
+        }
+    }
+}
+
+/// Settles every message of `batch` in order (see [`batch`](super::batch)), storing each
+/// one's offset once it is settled; `false` when `stop` fired during a backoff.
+async fn settle_batch(
+    settings: &Settings,
+    offsets: &dyn OffsetStore,
+    batch: &[RawMessage],
+    stop: &CancellationToken,
+) -> bool {
+    if let [message] = batch {
+        return settle_alone(settings, offsets, message, stop, Prior::default()).await;
+    }
+    let prepared: Vec<Prepared> = batch
+        .iter()
+        .map(|message| Prepared::new(settings, message))
+        .collect();
+    let mut next = 0;
+    // A message whose handler failed in a batch: it goes alone, after what precedes it.
+    let mut alone: Option<(usize, Prior)> = None;
+    // After a failure of the batch itself (BEGIN, guard, COMMIT), up to here one at a time.
+    let mut one_by_one_until = 0;
+    while next < batch.len() {
+        let prior = match alone {
+            Some((index, prior)) if index == next => Some(prior),
+            _ => None,
+        };
+        if prior.is_some() || next < one_by_one_until || !prepared[next].batchable() {
+            let prior = prior.unwrap_or_default();
+            if !settle_alone(settings, offsets, &batch[next], stop, prior).await {
+                return false;
+            }
+            next += 1;
+            continue;
+        }
+        let end = (next..batch.len())
+            .find(|&i| !prepared[i].batchable() || alone.is_some_and(|(index, _)| index == i))
+            .unwrap_or(batch.len());
+        let items: Vec<&Prepared> = prepared[next..end].iter().collect();
+        let span = tracing::info_span!(
+            "inbox.batch",
+            topic = %batch[next].topic,
+            partition = batch[next].partition,
+            offset = batch[next].offset,
+            events = items.len(),
+        );
+        match batch::apply(settings, &items).instrument(span).await {
+            BatchResult::Committed(outcomes) => {
+                for (i, outcome) in (next..end).zip(outcomes) {
+                    let delivery = delivery(&batch[i], prepared[i].meta(), 1, outcome);
+                    settle(settings, offsets, &batch[i], delivery).await;
+                }
+                next = end;
+            }
+            BatchResult::FailedAt { index, panicked } => {
+                let prior = Prior {
+                    attempts: 1,
+                    panics: u32::from(panicked),
+                };
+                alone = Some((next + index, prior));
+            }
+            BatchResult::Failed(error) => {
+                tracing::warn!(error = %error, "batch failed, processing its events one by one");
+                one_by_one_until = end;
+            }
+        }
+    }
+    true
+}
+
+/// Attempts already made for a message in a batch that was rolled back.
+#[derive(Debug, Clone, Copy, Default)]
+struct Prior {
+    attempts: u32,
+    panics: u32,
+}
+
+/// Settles one message in its own transaction; `false` when `stop` fired during a backoff.
+async fn settle_alone(
+    settings: &Settings,
+    offsets: &dyn OffsetStore,
+    message: &RawMessage,
+    stop: &CancellationToken,
+    prior: Prior,
+) -> bool {
+    let span = tracing::info_span!(
+        "inbox.message",
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+    );
+    let Some(delivery) = process(settings, message, stop, prior)
+        .instrument(span)
+        .await
+    else {
+        return false;
+    };
+    settle(settings, offsets, message, delivery).await;
+    true
+}
+
+/// Reports a settled message to the hook, then stores its offset.
+async fn settle(
+    settings: &Settings,
+    offsets: &dyn OffsetStore,
+    message: &RawMessage,
+    delivery: Delivery,
+) {
+    if let Some(hook) = &settings.on_delivery {
+        // The message is settled: a panicking hook must not kill the partition.
+        if let Err(panic) = AssertUnwindSafe(async { hook(delivery).await })
+            .catch_unwind()
+            .await
+        {
+            tracing::error!(panic = %panic_message(&*panic), "on_delivery hook panicked");
+        }
+    }
+    offsets.store(&message.topic, message.partition, message.offset + 1);
+}
+
+fn delivery(
+    message: &RawMessage,
+    meta: Option<&EventMeta>,
+    attempts: u32,
+    outcome: Outcome,
+) -> Delivery {
+    Delivery {
+        topic: message.topic.clone(),
+        partition: message.partition,
+        offset: message.offset,
+        event_id: meta.map(|m| m.id),
+        event_type: meta.map(|m| m.event_type.clone()),
+        attempts,
+        outcome,
     }
 }
 
@@ -91,9 +223,10 @@ async fn process(
     settings: &Settings,
     message: &RawMessage,
     stop: &CancellationToken,
+    prior: Prior,
 ) -> Option<Delivery> {
-    let mut attempts = 0u32;
-    let mut panics = 0u32;
+    let mut attempts = prior.attempts;
+    let mut panics = prior.panics;
     loop {
         attempts += 1;
         let (meta, outcome) = match attempt(settings, message).await {
@@ -131,15 +264,7 @@ async fn process(
                 }
             }
         };
-        return Some(Delivery {
-            topic: message.topic.clone(),
-            partition: message.partition,
-            offset: message.offset,
-            event_id: meta.as_ref().map(|m| m.id),
-            event_type: meta.map(|m| m.event_type),
-            attempts,
-            outcome,
-        });
+        return Some(delivery(message, meta.as_ref(), attempts, outcome));
     }
 }
 

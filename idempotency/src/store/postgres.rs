@@ -30,6 +30,27 @@ pub(crate) async fn check_and_record(
     })
 }
 
+/// Records every id of `event_ids` in one statement and returns those this call recorded
+/// (the first deliveries); ids already recorded are left alone. `event_ids` must not repeat.
+/// Rows are inserted in id order, so two overlapping batches lock them in the same order
+/// and wait for each other instead of deadlocking.
+pub(crate) async fn check_and_record_many(
+    conn: &mut PgConnection,
+    consumer: &str,
+    event_ids: &[Uuid],
+) -> Result<Vec<Uuid>, Error> {
+    let recorded = sqlx::query_scalar(
+        "INSERT INTO eventful_processed_events (consumer, event_id) \
+         SELECT $1, id FROM unnest($2::uuid[]) AS batch(id) ORDER BY id \
+         ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id",
+    )
+    .bind(consumer)
+    .bind(event_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(recorded)
+}
+
 pub(crate) async fn save_result(
     conn: &mut PgConnection,
     consumer: &str,
