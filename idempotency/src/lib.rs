@@ -33,6 +33,7 @@
 //! applied by the versioned [`MIGRATOR`] (`eventful_core::migrate`: each version once, under
 //! an advisory lock, recorded as component `eventful-idempotency`).
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod error;

@@ -91,6 +91,7 @@
 //! - a batch with many events of one key takes one round trip per event of that key (at
 //!   most one event per key is in flight).
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 #[cfg(feature = "test-utils")]

@@ -65,6 +65,7 @@
 //! - **A stock key deleted by hand** while holds exist is recreated by their settlement
 //!   with only the returned quantities.
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod error;

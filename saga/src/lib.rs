@@ -23,6 +23,7 @@
 //!   postpones it by a minute instead of blocking others; replies for it fail permanently
 //!   (dead-lettered by the runtime).
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod choreography;
