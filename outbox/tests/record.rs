@@ -32,10 +32,14 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
         run.unwrap().unwrap();
     }
     outbox.migrate(&db.pool).await.unwrap();
-    let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM orders.outbox_migrations")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    // Versions are recorded per component in the shared migrations table.
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM eventful_schema_migrations \
+         WHERE component = 'eventful-outbox/orders.outbox' ORDER BY version",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(versions, vec![1, 2]);
     let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.outbox_leases")
         .fetch_one(&db.pool)
