@@ -114,7 +114,10 @@ where
                     let Ok(level) = store.stock(sku).await else {
                         continue;
                     };
-                    if level.available >= initial / 4 {
+                    // Only a sold-out SKU is topped up: until the next poll (20 ms) every
+                    // reserve of it is refused, so refusals happen however fast the
+                    // machine is (a higher threshold let a quiet machine run without any).
+                    if level.available > 0 {
                         continue;
                     }
                     let mut added = totals.write().await;
