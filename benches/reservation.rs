@@ -796,6 +796,7 @@ async fn cluster_stores(masters: usize) -> (RedisCluster, Vec<RedisReservations>
     let mut stores = Vec::new();
     for (namespace, _) in placed {
         let store = RedisReservations::builder_cluster(cluster.urls())
+            .coalesce(true)
             .namespace(namespace)
             .retention(RETENTION)
             .connect()

@@ -26,8 +26,9 @@
 //!
 //! # Coalescing
 //!
-//! By default concurrent reserve / confirm / release / expire calls of one store
-//! (namespace) are coalesced: while one batch is in flight the next calls queue, and go
+//! With [`coalesce(true)`](RedisReservationsBuilder::coalesce) (off by default: it pays
+//! only at high concurrency, see the README's figures) concurrent reserve / confirm /
+//! release / expire calls of one store (namespace) are coalesced: while one batch is in flight the next calls queue, and go
 //! to Redis together as one script invocation that applies each call in order with its
 //! own semantics and its own result (see [`RedisReservationsBuilder::coalesce`]). A lone
 //! call is sent at once; batches are bounded by

@@ -40,6 +40,7 @@ async fn serial_cluster_namespaces_spread_over_three_masters() {
         let (cluster, cancel) = (&cluster, cancel.clone());
         async move {
             let store = RedisReservations::builder_cluster(cluster.urls())
+                .coalesce(true)
                 .namespace(namespace.clone())
                 .connect()
                 .await

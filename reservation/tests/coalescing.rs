@@ -43,6 +43,7 @@ async fn serial_batch_size_limit_splits_the_queue() {
     init_tracing();
     let server = RedisServer::start().await;
     let store = RedisReservations::builder(server.url().as_str())
+        .coalesce(true)
         .namespace("limit")
         .max_batch(8)
         .connect()
@@ -84,6 +85,7 @@ async fn serial_busy_server_gives_every_caller_a_retryable_error() {
     let server = RedisServer::start().await;
     let builder = || {
         RedisReservations::builder(server.url().as_str())
+            .coalesce(true)
             .namespace("busy")
             .backoff(Backoff::new(
                 Duration::from_millis(20),
@@ -168,6 +170,7 @@ async fn serial_restart_mid_batch_answers_every_caller() {
     const STOCK: u64 = 1_000_000;
     let mut server = RedisServer::start().await;
     let store = RedisReservations::builder(server.url().as_str())
+        .coalesce(true)
         .namespace("midbatch")
         .max_attempts(1)
         .connect()

@@ -18,7 +18,7 @@ async fn serial_invariant_under_contention_in_memory() {
     assert_eq!(report.retryable_errors, 0);
 }
 
-/// Coalescing on (the default): calls go to Redis in batches.
+/// Coalescing on: calls go to Redis in batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_invariant_under_contention_redis() {
     invariant_under_contention_redis(true).await;
@@ -54,7 +54,7 @@ async fn invariant_under_contention_redis(coalesce: bool) {
 /// Same run against a private Redis (`appendonly yes`, `appendfsync always`) killed
 /// (SIGKILL) and restarted mid-run: clients reconnect by themselves, every acknowledged
 /// outcome survives, and the invariants hold throughout and at the end. Coalescing on
-/// (the default): batches are in flight when the server dies.
+/// : batches are in flight when the server dies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_invariant_survives_redis_restart() {
     invariant_survives_redis_restart(true).await;

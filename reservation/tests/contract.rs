@@ -32,6 +32,26 @@ mod redis {
 
     eventful_reservation::contract_tests!(store());
 
+    /// The same suite with request coalescing on: every call goes through the batch script.
+    mod coalesced {
+        use eventful_reservation::RedisReservations;
+        use eventful_test_support::TestRedis;
+
+        async fn store() -> RedisReservations {
+            let redis = TestRedis::connect().await;
+            RedisReservations::builder(redis.url.as_str())
+                .key_prefix(redis.prefix.clone())
+                .namespace("contract")
+                .retention(std::time::Duration::from_secs(600))
+                .coalesce(true)
+                .connect()
+                .await
+                .expect("connect to Redis")
+        }
+
+        eventful_reservation::contract_tests!(store());
+    }
+
     #[tokio::test]
     async fn final_records_expire_after_retention() {
         let redis = TestRedis::connect().await;

@@ -354,7 +354,7 @@ impl RedisReservationsBuilder {
             connections: 1,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_secs(1)),
-            coalesce: true,
+            coalesce: false,
             max_batch: DEFAULT_MAX_BATCH,
             batches_in_flight: DEFAULT_BATCHES_IN_FLIGHT,
         }
@@ -418,7 +418,8 @@ impl RedisReservationsBuilder {
     }
 
     /// Coalesce concurrent reserve / confirm / release / expire calls of this store into
-    /// one script invocation per batch (default on). Each call keeps its own semantics
+    /// one script invocation per batch (default off: it costs a lone call about 10 µs and
+    /// only pays from about 64 calls in flight on one namespace). Each call keeps its own semantics
     /// and its own result; a lone call is sent at once (no timer), concurrent calls queue
     /// behind the batch in flight and go together in the next one. See the crate README
     /// for the measured gain and the cost of a lone call.
