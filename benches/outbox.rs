@@ -26,57 +26,21 @@
 #![allow(clippy::explicit_auto_deref)]
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventful_outbox::CancellationToken;
-use eventful_outbox::{Error, KafkaPublisher, NewEvent, Outbox, OutboxRecord, Publisher, Relay};
+use eventful_outbox::{Error, KafkaPublisher, NewEvent, Outbox, Relay};
 use eventful_test_support::{kafka, KafkaBroker, TestDatabase};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use uuid::Uuid;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Wraps the Kafka publisher and notes when each event was acknowledged.
-struct AckClock {
-    inner: KafkaPublisher,
-    acks: Arc<Mutex<HashMap<Uuid, Instant>>>,
-    count: Arc<AtomicUsize>,
-}
-
-impl Publisher for AckClock {
-    fn publish_batch<'a, 'b, 'c>(
-        &'a self,
-        events: &'b [OutboxRecord],
-    ) -> Pin<Box<dyn Future<Output = Vec<Result<(), Error>>> + Send + 'c>>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async move {
-            let results = self.inner.publish_batch(events).await;
-            let now = Instant::now();
-            let mut acks = self.acks.lock().unwrap();
-            for (event, result) in events.iter().zip(&results) {
-                if result.is_ok() && acks.insert(event.id, now).is_none() {
-                    self.count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            results
-        })
-    }
-}
+#[path = "common/ack_clock.rs"]
+mod ack_clock;
+use ack_clock::{env_usize, AckClock};
 
 /// A JSON payload of about 120 bytes, rendered by hand.
 fn payload(i: usize) -> String {

@@ -26,55 +26,19 @@
 #![allow(clippy::explicit_auto_deref)]
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventful_outbox::CancellationToken;
-use eventful_outbox::{Error, KafkaPublisher, NewEvent, Outbox, OutboxRecord, Publisher, Relay};
+use eventful_outbox::{KafkaPublisher, NewEvent, Outbox, Relay};
 use eventful_test_support::{kafka, KafkaBroker, TestDatabase};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Wraps the Kafka publisher and notes when each event was acknowledged.
-struct AckClock {
-    inner: KafkaPublisher,
-    acks: Arc<Mutex<HashMap<Uuid, Instant>>>,
-    count: Arc<AtomicUsize>,
-}
-
-impl Publisher for AckClock {
-    fn publish_batch<'a, 'b, 'c>(
-        &'a self,
-        events: &'b [OutboxRecord],
-    ) -> Pin<Box<dyn Future<Output = Vec<Result<(), Error>>> + Send + 'c>>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async move {
-            let results = self.inner.publish_batch(events).await;
-            let now = Instant::now();
-            let mut acks = self.acks.lock().unwrap();
-            for (event, result) in events.iter().zip(&results) {
-                if result.is_ok() && acks.insert(event.id, now).is_none() {
-                    self.count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            results
-        })
-    }
-}
+#[path = "common/ack_clock.rs"]
+mod ack_clock;
+use ack_clock::{env_usize, AckClock};
 
 fn event(topic: &str, i: usize) -> NewEvent {
     let payload = format!(
