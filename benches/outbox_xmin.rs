@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventful_outbox::CancellationToken;
-use eventful_outbox::{KafkaPublisher, NewEvent, Outbox, Relay};
+use eventful_outbox::{KafkaPublisher, NewEvent, Outbox, Relay, Retention};
 use eventful_test_support::{kafka, KafkaBroker, TestDatabase};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -219,23 +219,11 @@ async fn run() -> anyhow::Result<()> {
     let relay = relay.spawn(cancel.clone());
 
     // The retention a production deployment runs: published rows older than 5 s go.
-    let retention = {
-        let (pool, outbox, cancel) = (db.pool.clone(), outbox.clone(), cancel.clone());
-        tokio::spawn(async move {
-            while !cancel.is_cancelled() {
-                while outbox
-                    .delete_published(&pool, Duration::from_secs(5), 5000)
-                    .await?
-                    == 5000
-                {}
-                tokio::select! {
-                    () = cancel.cancelled() => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-            anyhow::Ok(())
-        })
-    };
+    let retention = Retention::new(db.pool.clone(), outbox.clone())
+        .max_age(Duration::from_secs(5))
+        .batch_size(5000)
+        .interval(Duration::from_secs(1))
+        .spawn(cancel.clone());
 
     // The session that holds the horizon: a snapshot taken and never released until the end.
     let mut holder = PgConnection::connect(&db.url).await?;
@@ -271,7 +259,7 @@ async fn run() -> anyhow::Result<()> {
     }
     cancel.cancel();
     relay.await??;
-    retention.await??;
+    retention.await?;
 
     println!();
     println!(

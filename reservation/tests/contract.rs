@@ -19,37 +19,23 @@ mod redis {
     use eventful_reservation::RedisReservations;
     use eventful_test_support::TestRedis;
 
-    async fn store() -> RedisReservations {
+    async fn store(coalesce: bool) -> RedisReservations {
         let redis = TestRedis::connect().await;
         RedisReservations::builder(redis.url.as_str())
             .key_prefix(redis.prefix.clone())
             .namespace("contract")
             .retention(std::time::Duration::from_secs(600))
+            .coalesce(coalesce)
             .connect()
             .await
             .expect("connect to Redis")
     }
 
-    eventful_reservation::contract_tests!(store());
+    eventful_reservation::contract_tests!(store(false));
 
     /// The same suite with request coalescing on: every call goes through the batch script.
     mod coalesced {
-        use eventful_reservation::RedisReservations;
-        use eventful_test_support::TestRedis;
-
-        async fn store() -> RedisReservations {
-            let redis = TestRedis::connect().await;
-            RedisReservations::builder(redis.url.as_str())
-                .key_prefix(redis.prefix.clone())
-                .namespace("contract")
-                .retention(std::time::Duration::from_secs(600))
-                .coalesce(true)
-                .connect()
-                .await
-                .expect("connect to Redis")
-        }
-
-        eventful_reservation::contract_tests!(store());
+        eventful_reservation::contract_tests!(super::store(true));
     }
 
     #[tokio::test]
