@@ -34,6 +34,18 @@
 //! unmarked one, so the topic gets duplicates but the first occurrences stay in order.
 //! Marking is not fenced because it cannot be wrong: only acknowledged events are marked.
 //!
+//! **Slots.** The table is `PARTITION BY LIST (slot)` with two partitions (schema version
+//! 3). Rows are inserted into the current slot; once `rotate_after` events were recorded
+//! since the last rotation, a relay rotates ([`rotation`]): it locks the other slot (every
+//! writer and reader of it has finished), copies its unpublished rows into the current slot
+//! with every column kept, `TRUNCATE`s it and makes it current. The relay's statements go
+//! through the parent table by seq, so a row carried over while its batch is in flight is
+//! still marked. Without this, each published event leaves a dead row version (the mark)
+//! and an index entry that the relay's scan of pending rows steps over until VACUUM removes
+//! it — which it cannot while any session holds the xmin horizon: `cargo bench --bench
+//! outbox_xmin` measured the table growing to 550,000 dead tuples and the drain rate
+//! falling by 56% in 5 minutes under an open snapshot before slots existed.
+//!
 //! **Head-of-key.** A batch contains, per key, a prefix of its pending events in seq order,
 //! excluding every key whose oldest pending event is waiting for a retry or is parked. After
 //! the publisher returns, rows are marked published only up to the first failure of their
@@ -105,6 +117,7 @@ mod outbox;
 pub mod publisher;
 mod relay;
 mod retention;
+pub mod rotation;
 mod sql;
 
 pub use error::Error;
@@ -121,6 +134,7 @@ pub use publisher::memory::{InMemoryPublisher, PublishedMessage};
 pub use publisher::Publisher;
 pub use relay::{Relay, RelayBuilder};
 pub use retention::Retention;
+pub use rotation::Rotation;
 
 /// The token that stops a [`Relay`] or [`Retention`] task (re-exported from `tokio-util`).
 pub use tokio_util::sync::CancellationToken;

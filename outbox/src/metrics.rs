@@ -19,6 +19,10 @@ pub struct RelayMetrics {
     pub batches: u64,
     /// Partitions this relay holds a lease on.
     pub partitions: u64,
+    /// Slot rotations this relay did (see [`crate::rotation`]).
+    pub rotations: u64,
+    /// Unpublished rows those rotations carried over.
+    pub carried: u64,
     /// Unpublished, unparked events in the whole table.
     pub pending: i64,
     /// Parked events in the whole table.
@@ -34,6 +38,8 @@ pub(crate) struct Counters {
     pub(crate) parked: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) partitions: AtomicU64,
+    pub(crate) rotations: AtomicU64,
+    pub(crate) carried: AtomicU64,
     pub(crate) gauges: Mutex<(i64, i64, Option<Duration>)>,
 }
 
@@ -63,6 +69,8 @@ impl RelayMetricsHandle {
             parked: c.parked.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             partitions: c.partitions.load(Ordering::Relaxed),
+            rotations: c.rotations.load(Ordering::Relaxed),
+            carried: c.carried.load(Ordering::Relaxed),
             pending,
             parked_pending,
             oldest_pending_age,

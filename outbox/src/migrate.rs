@@ -23,6 +23,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "index failing rows by a hash of the key",
         include_str!("../migrations/0002_failing_index_by_key_hash.sql"),
     ),
+    (
+        3,
+        "two slot partitions rotated by TRUNCATE",
+        include_str!("../migrations/0003_slots.sql"),
+    ),
 ];
 
 pub(crate) fn migrator(sql: &Sql) -> Migrator {

@@ -42,6 +42,14 @@ pub(crate) struct Sql {
     pub(crate) fetch: String,
     pub(crate) mark_published: String,
     pub(crate) mark_failed: String,
+    // Slot rotation (migration 0003).
+    pub(crate) rotation_state: String,
+    pub(crate) lock_slot_state: String,
+    pub(crate) unpublished_in_slot: [String; 2],
+    pub(crate) lock_slot: [String; 2],
+    pub(crate) carry_over: [String; 2],
+    pub(crate) truncate_slot: [String; 2],
+    pub(crate) switch_slot: String,
 }
 
 impl Sql {
@@ -49,6 +57,12 @@ impl Sql {
         let t = format!("\"{schema}\".\"{table}\"");
         let leases = format!("\"{schema}\".\"{table}_leases\"");
         let relays = format!("\"{schema}\".\"{table}_relays\"");
+        let slot_state = format!("\"{schema}\".\"{table}_slot\"");
+        let seq = format!("\"{schema}\".\"{table}_seq_seq\"");
+        let slot = |n: i32| format!("\"{schema}\".\"{table}_slot{n}\"");
+        let columns =
+            "seq, id, topic, key, partition, event_type, payload, content_type, headers, \
+                       created_at, published_at, attempts, last_error, next_attempt_at, parked_at";
         let channel = format!(
             "eventful_outbox_{:016x}",
             fnv1a64(format!("{schema}.{table}").as_bytes())
@@ -64,13 +78,18 @@ impl Sql {
             lock_keys_and_notify: "SELECT pg_notify($2, '') FROM \
                  (SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k) AS locked"
                 .to_owned(),
+            // Into the current slot. A writer whose snapshot predates a rotation may still
+            // write to the slot that stopped being current: that is safe, the slot is only
+            // emptied once every writer that holds a lock on it has committed (see `rotate`).
             insert: format!(
-                "INSERT INTO {t} (id, topic, key, partition, event_type, payload, content_type, headers) \
-                 SELECT id, topic, key, partition, event_type, payload, content_type, headers::jsonb \
+                "INSERT INTO {t} (id, topic, key, partition, event_type, payload, content_type, headers, slot) \
+                 SELECT u.id, u.topic, u.key, u.partition, u.event_type, u.payload, u.content_type, \
+                        u.headers::jsonb, s.current \
                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], \
                              $7::text[], $8::text[]) WITH ORDINALITY \
                    AS u(id, topic, key, partition, event_type, payload, content_type, headers, ord) \
-                 ORDER BY ord"
+                 CROSS JOIN {slot_state} s \
+                 ORDER BY u.ord"
             ),
             stats: format!(
                 "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS pending, \
@@ -173,6 +192,35 @@ impl Sql {
                  FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) \
                    AS u(seq, err, delay_ms, park) \
                  WHERE o.seq = u.seq AND o.published_at IS NULL"
+            ),
+            rotation_state: format!(
+                "SELECT s.current, s.since_seq, q.last_value FROM {slot_state} s, {seq} q"
+            ),
+            lock_slot_state: format!(
+                "SELECT s.current, s.since_seq, (SELECT last_value FROM {seq}) AS last_value \
+                 FROM {slot_state} s FOR UPDATE NOWAIT"
+            ),
+            unpublished_in_slot: [0, 1].map(|n| {
+                format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {} WHERE published_at IS NULL LIMIT $1) AS u",
+                    slot(n)
+                )
+            }),
+            lock_slot: [0, 1].map(|n| format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", slot(n))),
+            // The unpublished rows of the slot about to be emptied move to the other slot
+            // as they are: same seq (so the same order), attempts, retry time and parking.
+            carry_over: [0, 1].map(|n| {
+                format!(
+                    "INSERT INTO {t} ({columns}, slot) SELECT {columns}, {} FROM {} \
+                     WHERE published_at IS NULL",
+                    1 - n,
+                    slot(n)
+                )
+            }),
+            truncate_slot: [0, 1].map(|n| format!("TRUNCATE {}", slot(n))),
+            switch_slot: format!(
+                "UPDATE {slot_state} SET current = $1, since_seq = $2, rotated_at = now(), \
+                        rotations = rotations + 1"
             ),
         }
     }

@@ -40,7 +40,7 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 3]);
     let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.outbox_leases")
         .fetch_one(&db.pool)
         .await

@@ -19,6 +19,7 @@ use eventful_core::Backoff;
 
 use crate::event::RecordRow;
 use crate::metrics::RelayMetricsHandle;
+use crate::rotation::{Rotation, RotationPolicy};
 use crate::{Error, Outbox, OutboxRecord, Publisher};
 use lease::Leases;
 
@@ -39,6 +40,7 @@ struct Config {
     backoff: Backoff,
     error_backoff: Duration,
     listen: bool,
+    rotation: Option<RotationPolicy>,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             backoff: Backoff::default(),
             error_backoff: Duration::from_secs(1),
             listen: true,
+            rotation: Some(RotationPolicy::default()),
         }
     }
 }
@@ -104,6 +107,38 @@ impl RelayBuilder {
     /// polls every [`poll_interval`](Self::poll_interval).
     pub fn listen(mut self, listen: bool) -> Self {
         self.config.listen = listen;
+        self
+    }
+
+    /// Rotate the outbox's slots once this many events were recorded since the last rotation
+    /// (default 10,000; see [`crate::rotation`]). The table then holds about one to two times
+    /// this many published rows (and their dead versions, whatever holds the xmin horizon),
+    /// and a published event stays visible to [`Outbox::status`] until then. Lower it for a
+    /// smaller table under a held horizon; raise it to keep published events for longer.
+    pub fn rotate_after(mut self, events: u64) -> Self {
+        self.config
+            .rotation
+            .get_or_insert_with(RotationPolicy::default)
+            .min_events = events.max(1);
+        self
+    }
+
+    /// Skip a rotation while the slot to be emptied has more than this many unpublished rows
+    /// (default 1,000): they would be copied, and a relay that far behind gains nothing from
+    /// rotating. Parked events count too: re-drive or inspect them when there are many.
+    pub fn max_carry(mut self, rows: u64) -> Self {
+        self.config
+            .rotation
+            .get_or_insert_with(RotationPolicy::default)
+            .max_carry = rows;
+        self
+    }
+
+    /// Whether this relay rotates the slots (default `true`). With `false`, published rows
+    /// stay until something else rotates ([`Outbox::rotate`]) or deletes them
+    /// ([`Retention`](crate::Retention)).
+    pub fn rotation(mut self, enabled: bool) -> Self {
+        self.config.rotation = enabled.then(|| self.config.rotation.unwrap_or_default());
         self
     }
 
@@ -221,6 +256,7 @@ impl Relay {
                 () = self.heartbeat_loop() => {}
                 () = self.rebalance_loop(&batch_lock, &wake) => {}
                 () = self.listen_loop(listener, &wake) => {}
+                () = self.rotation_loop() => {}
             }
             if let Err(e) = leases.release_all().await {
                 tracing::warn!(error = %e, "could not release leases; they expire after the TTL");
@@ -360,6 +396,43 @@ impl Relay {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "lease rebalance failed"),
             }
+        }
+    }
+
+    /// Rotates the slots when due (any relay may; they serialize on the slot row). After a
+    /// rotation that could not take its lock, waits a full second before trying again, so a
+    /// transaction that keeps the slot locked does not make every check queue statements.
+    async fn rotation_loop(&self) {
+        let Some(policy) = self.config.rotation else {
+            return std::future::pending().await;
+        };
+        let counters = &self.metrics.counters;
+        loop {
+            let wait = match self
+                .outbox
+                .rotate(&self.pool, policy.min_events, policy.max_carry)
+                .await
+            {
+                Ok(Rotation::Rotated { carried, .. }) => {
+                    counters.rotations.fetch_add(1, Ordering::Relaxed);
+                    counters.carried.fetch_add(carried, Ordering::Relaxed);
+                    policy.check
+                }
+                Ok(Rotation::NotDue) => policy.check,
+                Ok(Rotation::Backlogged { unpublished }) => {
+                    tracing::debug!(unpublished, "slot rotation waits for the relay to catch up");
+                    policy.check
+                }
+                Ok(Rotation::Busy) => {
+                    tracing::debug!("slot rotation could not lock the slot; trying again later");
+                    Duration::from_secs(1)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "slot rotation failed");
+                    self.config.error_backoff
+                }
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 

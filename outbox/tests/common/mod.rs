@@ -31,6 +31,15 @@ pub async fn published_count(db: &TestDatabase) -> i64 {
         .expect("count")
 }
 
+/// Number of rows not yet marked published (parked ones included). Unlike the published
+/// rows, these survive slot rotations.
+pub async fn unpublished_count(db: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM eventful_outbox WHERE published_at IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count")
+}
+
 /// Number of rows.
 pub async fn row_count(db: &TestDatabase) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM eventful_outbox")
