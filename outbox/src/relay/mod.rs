@@ -399,39 +399,56 @@ impl Relay {
         }
     }
 
-    /// Rotates the slots when due (any relay may; they serialize on the slot row). After a
-    /// rotation that could not take its lock, waits a full second before trying again, so a
-    /// transaction that keeps the slot locked does not make every check queue statements.
+    /// Rotates the slots when due (any relay may; they serialize on the slot row).
     async fn rotation_loop(&self) {
         let Some(policy) = self.config.rotation else {
             return std::future::pending().await;
         };
         let counters = &self.metrics.counters;
+        // A rotation that keeps being put off lets the table grow again: say so, once a
+        // minute, at warn level.
+        let mut put_off_since: Option<std::time::Instant> = None;
+        let mut warned_at: Option<std::time::Instant> = None;
         loop {
-            let wait = match self
+            let outcome = self
                 .outbox
                 .rotate(&self.pool, policy.min_events, policy.max_carry)
-                .await
-            {
+                .await;
+            let wait = match &outcome {
                 Ok(Rotation::Rotated { carried, .. }) => {
                     counters.rotations.fetch_add(1, Ordering::Relaxed);
-                    counters.carried.fetch_add(carried, Ordering::Relaxed);
+                    counters.carried.fetch_add(*carried, Ordering::Relaxed);
+                    put_off_since = None;
                     policy.check
                 }
-                Ok(Rotation::NotDue) => policy.check,
-                Ok(Rotation::Backlogged { unpublished }) => {
-                    tracing::debug!(unpublished, "slot rotation waits for the relay to catch up");
+                Ok(Rotation::NotDue) => {
+                    put_off_since = None;
                     policy.check
                 }
-                Ok(Rotation::Busy) => {
-                    tracing::debug!("slot rotation could not lock the slot; trying again later");
-                    Duration::from_secs(1)
-                }
+                // The slot is locked: wait a full second, so that a transaction holding it
+                // does not make every check queue the relays' statements behind the lock.
+                Ok(Rotation::Busy) => Duration::from_secs(1),
+                Ok(Rotation::Backlogged { .. }) => policy.check,
                 Err(e) => {
                     tracing::warn!(error = %e, "slot rotation failed");
                     self.config.error_backoff
                 }
             };
+            if let Ok(put_off @ (Rotation::Busy | Rotation::Backlogged { .. })) = &outcome {
+                let since = *put_off_since.get_or_insert_with(std::time::Instant::now);
+                let quiet = warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+                if since.elapsed() >= Duration::from_secs(60) && quiet {
+                    warned_at = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        outcome = ?put_off,
+                        put_off_for_s = since.elapsed().as_secs(),
+                        "outbox slot rotation keeps being put off (a long transaction on the \
+                         outbox table, or more unpublished events than max_carry): the table grows"
+                    );
+                } else {
+                    tracing::debug!(outcome = ?put_off, "slot rotation put off");
+                }
+            }
             tokio::time::sleep(wait).await;
         }
     }
