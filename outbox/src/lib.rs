@@ -101,6 +101,9 @@ mod error;
 mod event;
 mod metrics;
 mod migrate;
+#[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+pub mod otel;
 mod outbox;
 pub mod publisher;
 mod relay;
