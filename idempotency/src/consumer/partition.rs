@@ -178,19 +178,31 @@ async fn settle_alone(
         offset = message.offset,
         event_type = message.header(EVENT_TYPE).unwrap_or(""),
         event_id = message.header(EVENT_ID).unwrap_or(""),
+        outcome = tracing::field::Empty,
     );
     #[cfg(feature = "opentelemetry")]
     if let Some(traceparent) = message.header(eventful_core::headers::TRACEPARENT) {
         eventful_core::otel::set_parent(&span, traceparent);
     }
     let Some(delivery) = process(settings, message, stop, prior)
-        .instrument(span)
+        .instrument(span.clone())
         .await
     else {
         return false;
     };
+    span.record("outcome", outcome_label(&delivery.outcome));
     settle(settings, offsets, message, delivery).await;
     true
+}
+
+/// The `outcome` field of an `inbox.message` span.
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Applied => "applied",
+        Outcome::Duplicate => "duplicate",
+        Outcome::DeadLettered { .. } => "dead_lettered",
+        Outcome::Skipped => "skipped",
+    }
 }
 
 /// Reports a settled message to the hook, then stores its offset.
