@@ -138,3 +138,70 @@ impl<B> OnResponse<B> for HttpStatus {
         span.record("http.response.status_code", response.status().as_u16());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::routing::get;
+    use axum::Router;
+    use clap::Parser as _;
+    use opentelemetry::trace::{SpanId, TraceId};
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// An incoming `traceparent` makes the request span the caller's child; the span is
+    /// named by the route template and records the status.
+    #[tokio::test]
+    async fn the_request_span_continues_the_callers_trace() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let _default = tracing::subscriber::set_default(subscriber(Some(&provider)));
+        let app = Router::new()
+            .route("/orders/{id}", get(|| async { "ok" }))
+            .layer(http_trace_layer());
+        let request = Request::get("/orders/42")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        drop(response);
+        provider.force_flush().unwrap();
+        let spans = exporter.get_finished_spans().unwrap();
+        let [span] = spans.as_slice() else {
+            panic!("one span: {spans:#?}")
+        };
+        assert_eq!(span.name, "GET /orders/{id}");
+        assert_eq!(
+            span.span_context.trace_id(),
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        assert_eq!(
+            span.parent_span_id,
+            SpanId::from_hex("00f067aa0ba902b7").unwrap()
+        );
+        assert!(span.attributes.iter().any(|kv| {
+            kv.key.as_str() == "http.response.status_code" && kv.value.as_str() == "200"
+        }));
+    }
+
+    #[test]
+    fn the_exporter_is_none_unless_chosen() {
+        let default = crate::config::Settings::try_parse_from(["commerce"]).unwrap();
+        let stdout =
+            crate::config::Settings::try_parse_from(["commerce", "--trace-exporter", "stdout"])
+                .unwrap();
+        // The variable may be set in the environment of whoever runs the tests.
+        if std::env::var_os("COMMERCE_TRACE_EXPORTER").is_none() {
+            assert_eq!(default.trace_exporter, TraceExporter::None);
+        }
+        assert_eq!(stdout.trace_exporter, TraceExporter::Stdout);
+    }
+}
