@@ -136,7 +136,7 @@ impl Trace {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_order_is_one_trace_from_post_orders_to_shipping() {
+async fn serial_one_order_is_one_trace_from_post_orders_to_shipping() {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
