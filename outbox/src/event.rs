@@ -113,7 +113,8 @@ impl NewEvent {
         &self.headers
     }
 
-    pub(crate) fn has_header(&self, name: &str) -> bool {
+    /// `true` when the event already carries a header named `name`.
+    pub fn has_header(&self, name: &str) -> bool {
         self.headers.iter().any(|(n, _)| n == name)
     }
 }

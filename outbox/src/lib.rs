@@ -76,11 +76,10 @@
 //! notification was lost.
 //!
 //! **Tracing.** Relays run in an `outbox.relay` span with one `outbox.relay.batch` span per
-//! batch. The W3C `traceparent` header: without an OpenTelemetry dependency the crate cannot
-//! read the current trace context, so it is either set per event
-//! ([`NewEvent::traceparent`]) or supplied by a function given to
-//! [`OutboxBuilder::traceparent_source`] (for example one that formats the current
-//! OpenTelemetry span context); `record` adds it to events that have none.
+//! batch. The W3C `traceparent` header is either set per event ([`NewEvent::traceparent`])
+//! or supplied by a function given to [`OutboxBuilder::traceparent_source`]; `record` adds
+//! it to events that have none. With the `opentelemetry` feature that function is
+//! `otel::current_traceparent` (see Tracing above).
 //!
 //! ## Failure modes
 //!
@@ -113,6 +112,9 @@ mod error;
 mod event;
 mod metrics;
 mod migrate;
+#[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+pub mod otel;
 mod outbox;
 pub mod publisher;
 mod relay;

@@ -99,11 +99,19 @@ impl<'a> Emitter<'a> {
     }
 
     /// Records `event` in the outbox in this transaction, with a `causation-id` header (the
-    /// handled event's id) and the handled event's `traceparent`, if any. Returns its id.
+    /// handled event's id) and a `traceparent` unless it has one: with the `opentelemetry`
+    /// feature, the current span's (the handler's, so the next hop is its child), else the
+    /// handled event's, if any. Returns its id.
     pub async fn emit(&mut self, event: NewEvent) -> Result<Uuid, HandlerError> {
         let mut event = event.header(CAUSATION_ID, self.meta.id.to_string());
-        if let Some(tp) = self.meta.header(TRACEPARENT) {
-            event = event.header(TRACEPARENT, tp);
+        if !event.has_header(TRACEPARENT) {
+            #[cfg(feature = "opentelemetry")]
+            let current = eventful_core::otel::current_traceparent();
+            #[cfg(not(feature = "opentelemetry"))]
+            let current: Option<String> = None;
+            if let Some(tp) = current.as_deref().or(self.meta.header(TRACEPARENT)) {
+                event = event.header(TRACEPARENT, tp);
+            }
         }
         let id = self
             .outbox

@@ -83,6 +83,10 @@ pub struct Settings {
         default_value_t = eventful_idempotency::consumer::DEFAULT_MAX_BATCH
     )]
     pub inbox_max_batch: usize,
+    /// Where the OpenTelemetry spans go: `none` (no tracing context is propagated either)
+    /// or `stdout` (see the README's Tracing section).
+    #[arg(long, env = "COMMERCE_TRACE_EXPORTER", value_enum, default_value_t = crate::telemetry::TraceExporter::None)]
+    pub trace_exporter: crate::telemetry::TraceExporter,
 }
 
 impl Settings {

@@ -11,7 +11,6 @@ use eventful_idempotency::http::ReleaseKey;
 use serde_json::json;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
 /// An error answered as `{"error": {"code": …, "message": …}}` with a 4xx/5xx status.
 #[derive(Debug)]
@@ -88,7 +87,7 @@ pub fn with_common_layers(routes: Router) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(map_response(json_errors))
-        .layer(TraceLayer::new_for_http())
+        .layer(crate::telemetry::http_trace_layer())
 }
 
 /// Gives the errors axum and tower-http answer on their own (405, 413, 504, …) the

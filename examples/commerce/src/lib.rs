@@ -25,6 +25,7 @@ pub mod payment;
 pub mod service;
 pub mod shipping;
 pub mod stock;
+pub mod telemetry;
 
 use anyhow::Context;
 use tokio::task::JoinSet;
@@ -47,7 +48,7 @@ pub enum Service {
 /// settings come from the command line and the environment (`--help` lists them).
 pub async fn run(services: &[Service]) -> anyhow::Result<()> {
     let settings = config::Settings::from_args_and_env();
-    infra::init_tracing();
+    let telemetry = telemetry::init(settings.trace_exporter);
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
     for service in services {
@@ -82,6 +83,7 @@ pub async fn run(services: &[Service]) -> anyhow::Result<()> {
             tracing::warn!(%error, "task ended with an error during shutdown");
         }
     }
+    telemetry.shutdown();
     result
 }
 

@@ -40,7 +40,12 @@ impl ServiceBase {
             .run(&pool)
             .await
             .with_context(|| format!("migrating {name}"))?;
-        let outbox = Outbox::new();
+        // The span recording an event names it in the event's `traceparent`, so the next
+        // service's handler continues the trace (nothing without an OpenTelemetry layer).
+        let outbox = Outbox::builder()
+            .traceparent_source(eventful_outbox::otel::current_traceparent)
+            .build()
+            .context("outbox")?;
         outbox.migrate(&pool).await.context("outbox migration")?;
         eventful_idempotency::migrate(&pool)
             .await

@@ -126,7 +126,21 @@ pub(crate) async fn apply(settings: &Settings, items: &[&Prepared]) -> BatchResu
             outcomes.push(Outcome::Duplicate);
             continue;
         }
-        let span = tracing::info_span!("inbox.message", offset = meta.offset, event_id = %meta.id);
+        // The same fields as on the one-event path; the event's trace context (not the
+        // batch's) is the handler's parent, so each event stays in its own trace.
+        let span = tracing::info_span!(
+            "inbox.message",
+            consumer = settings.guard.consumer(),
+            topic = %meta.topic,
+            partition = meta.partition,
+            offset = meta.offset,
+            event_type = %meta.event_type,
+            event_id = %meta.id,
+        );
+        #[cfg(feature = "opentelemetry")]
+        if let Some(traceparent) = meta.header(eventful_core::headers::TRACEPARENT) {
+            eventful_core::otel::set_parent(&span, traceparent);
+        }
         // Panics are caught per event, as on the one-event path.
         let handled = AssertUnwindSafe(handler.handle(&mut tx, meta))
             .catch_unwind()

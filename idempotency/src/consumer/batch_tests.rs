@@ -473,3 +473,127 @@ async fn max_batch_bounds_a_transaction() {
     }
     assert_eq!(sizes, vec![4, 4, 2]);
 }
+
+/// The handler span of each event continues the event's trace (its `traceparent` header),
+/// on the batch path and on the one-event path alike.
+#[cfg(feature = "opentelemetry")]
+mod trace_context {
+    use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    /// Remembers the current span's `traceparent` per event `n`.
+    #[derive(Clone, Default)]
+    struct Traced(Arc<Mutex<HashMap<i64, String>>>);
+
+    #[async_trait]
+    impl EventHandler for Traced {
+        type Payload = Payload;
+
+        async fn handle(
+            &self,
+            _tx: &mut PgConnection,
+            _event: &EventMeta,
+            payload: Payload,
+        ) -> Result<(), HandlerError> {
+            let traceparent = eventful_core::otel::current_traceparent().unwrap_or_default();
+            self.0.lock().unwrap().insert(payload.n, traceparent);
+            Ok(())
+        }
+    }
+
+    fn trace(n: i64) -> String {
+        format!("{:032x}", 0xa000 + n)
+    }
+
+    fn parent(n: i64) -> String {
+        format!("{:016x}", 0xb000 + n)
+    }
+
+    async fn check(max_batch: usize) {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        // A current-thread runtime: the worker runs on this thread, under this subscriber.
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let db = database().await;
+        let handler = Traced::default();
+        let mut handlers: HashMap<String, Arc<dyn super::super::ErasedHandler>> = HashMap::new();
+        handlers.insert("OrderPlaced".into(), Arc::new(Typed(handler.clone())));
+        let mut settings = settings(
+            &db.pool,
+            Record::default(),
+            max_batch,
+            logging(&Log::default()),
+        );
+        settings.handlers = handlers;
+        let mut messages = events(&ids(6), |_| serde_json::json!({}));
+        for (n, message) in (0..).zip(&mut messages) {
+            // Event 3 carries none: its handler is not in any event's trace.
+            if n != 3 {
+                let value = format!("00-{}-{}-01", trace(n), parent(n));
+                message
+                    .headers
+                    .push(("traceparent".into(), value.into_bytes()));
+            }
+        }
+        run(settings, &Arc::default(), messages).await;
+        provider.force_flush().unwrap();
+
+        let seen = handler.0.lock().unwrap().clone();
+        let spans = exporter.get_finished_spans().unwrap();
+        let handler_spans: Vec<_> = spans.iter().filter(|s| s.name == "inbox.message").collect();
+        assert_eq!(handler_spans.len(), 6, "{spans:#?}");
+        for n in 0..6 {
+            let traceparent = &seen[&n];
+            let span = handler_spans
+                .iter()
+                .find(|s| traceparent.contains(&s.span_context.span_id().to_string()))
+                .unwrap_or_else(|| panic!("event {n}: no handler span for {traceparent}"));
+            if n == 3 {
+                // Under its batch's span, or a root on the one-event path.
+                let batch = spans
+                    .iter()
+                    .find(|s| s.span_context.span_id() == span.parent_span_id)
+                    .map(|s| s.name.as_ref());
+                match max_batch {
+                    1 => assert_eq!(span.parent_span_id, SpanId::INVALID, "{span:?}"),
+                    _ => assert_eq!(batch, Some("inbox.batch"), "{span:?}"),
+                }
+                assert!(!traceparent.contains(&trace(3)), "{traceparent}");
+                continue;
+            }
+            assert!(
+                traceparent.starts_with(&format!("00-{}-", trace(n))),
+                "event {n} handled in {traceparent}"
+            );
+            assert_eq!(
+                span.span_context.trace_id(),
+                TraceId::from_hex(&trace(n)).unwrap()
+            );
+            assert_eq!(span.parent_span_id, SpanId::from_hex(&parent(n)).unwrap());
+            assert!(
+                span.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "consumer" && kv.value.as_str() == "batch"),
+                "{span:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn batched_handlers_continue_each_events_trace() {
+        check(64).await;
+    }
+
+    #[tokio::test]
+    async fn single_handlers_continue_the_events_trace() {
+        check(1).await;
+    }
+}

@@ -5,6 +5,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventful_core::headers::{EVENT_ID, EVENT_TYPE};
 use futures::FutureExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,17 @@ pub(crate) struct RawMessage {
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) payload: Option<Vec<u8>>,
     pub(crate) headers: Vec<(String, Vec<u8>)>,
+}
+
+impl RawMessage {
+    /// The value of header `name` when it is UTF-8 (the span fields and the trace parent;
+    /// the envelope itself is validated by `EventMeta::parse`).
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+    }
 }
 
 /// Stores the offset after a message (implemented by the runtime over the Kafka client).
@@ -113,6 +125,7 @@ async fn settle_batch(
         let items: Vec<&Prepared> = prepared[next..end].iter().collect();
         let span = tracing::info_span!(
             "inbox.batch",
+            consumer = settings.guard.consumer(),
             topic = %batch[next].topic,
             partition = batch[next].partition,
             offset = batch[next].offset,
@@ -159,18 +172,37 @@ async fn settle_alone(
 ) -> bool {
     let span = tracing::info_span!(
         "inbox.message",
+        consumer = settings.guard.consumer(),
         topic = %message.topic,
         partition = message.partition,
         offset = message.offset,
+        event_type = message.header(EVENT_TYPE).unwrap_or(""),
+        event_id = message.header(EVENT_ID).unwrap_or(""),
+        outcome = tracing::field::Empty,
     );
+    #[cfg(feature = "opentelemetry")]
+    if let Some(traceparent) = message.header(eventful_core::headers::TRACEPARENT) {
+        eventful_core::otel::set_parent(&span, traceparent);
+    }
     let Some(delivery) = process(settings, message, stop, prior)
-        .instrument(span)
+        .instrument(span.clone())
         .await
     else {
         return false;
     };
+    span.record("outcome", outcome_label(&delivery.outcome));
     settle(settings, offsets, message, delivery).await;
     true
+}
+
+/// The `outcome` field of an `inbox.message` span.
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Applied => "applied",
+        Outcome::Duplicate => "duplicate",
+        Outcome::DeadLettered { .. } => "dead_lettered",
+        Outcome::Skipped => "skipped",
+    }
 }
 
 /// Reports a settled message to the hook, then stores its offset.
