@@ -124,13 +124,14 @@ impl RelayBuilder {
                 "poll_interval and backoff base must be > 0 and backoff max >= base".into(),
             ));
         }
+        let metrics = RelayMetricsHandle::new(&self.outbox.qualified_table());
         Ok(Relay {
             pool: self.pool,
             outbox: self.outbox,
             publisher: self.publisher,
             config: self.config,
             id: Uuid::new_v4(),
-            metrics: RelayMetricsHandle::default(),
+            metrics,
         })
     }
 }
@@ -469,13 +470,8 @@ impl Relay {
         // Approximate when a failure could not be recorded (counted as retried or parked
         // anyway); the warning logged for it is the signal.
         let parked = f_park.iter().filter(|p| **p).count() as u64;
-        counters
-            .published
-            .fetch_add(published_len as u64, Ordering::Relaxed);
-        counters.parked.fetch_add(parked, Ordering::Relaxed);
-        counters
-            .retried
-            .fetch_add(f_seq.len() as u64 - parked, Ordering::Relaxed);
+        self.metrics
+            .add_batch(published_len as u64, f_seq.len() as u64 - parked, parked);
         let span = tracing::Span::current();
         span.record("published", published_len);
         span.record("failed", f_seq.len());
