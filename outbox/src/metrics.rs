@@ -1,8 +1,9 @@
 //! [`RelayMetrics`]: counters and gauges of one relay, for export to your metrics system.
 //!
 //! With the `metrics` feature the same values also go through the
-//! [`metrics`](https://docs.rs/metrics) facade, labelled with the outbox table, at the same
-//! points: counters when a batch is marked, gauges when the heartbeat refreshes them.
+//! [`metrics`](https://docs.rs/metrics) facade, labelled with the database and the outbox
+//! table (so relays of several databases in one process stay apart), at the same points:
+//! counters when a batch is marked, gauges when the heartbeat refreshes them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,28 +69,34 @@ struct Facade {
 
 #[cfg(feature = "metrics")]
 impl Facade {
-    fn new(table: &str) -> Facade {
-        let table = table.to_owned();
+    fn new(database: &str, table: &str) -> Facade {
+        let labels = [
+            ::metrics::Label::new("database", database.to_owned()),
+            ::metrics::Label::new("table", table.to_owned()),
+        ];
         Facade {
-            published: ::metrics::counter!("eventful_outbox_published_total", "table" => table.clone()),
-            retried: ::metrics::counter!("eventful_outbox_retried_total", "table" => table.clone()),
-            parked: ::metrics::counter!("eventful_outbox_parked_total", "table" => table.clone()),
-            pending: ::metrics::gauge!("eventful_outbox_pending", "table" => table.clone()),
-            parked_pending: ::metrics::gauge!("eventful_outbox_parked", "table" => table.clone()),
-            oldest_pending_age: ::metrics::gauge!("eventful_outbox_oldest_pending_age_seconds", "table" => table),
+            published: ::metrics::counter!("eventful_outbox_published_total", labels.iter()),
+            retried: ::metrics::counter!("eventful_outbox_retried_total", labels.iter()),
+            parked: ::metrics::counter!("eventful_outbox_parked_total", labels.iter()),
+            pending: ::metrics::gauge!("eventful_outbox_pending", labels.iter()),
+            parked_pending: ::metrics::gauge!("eventful_outbox_parked", labels.iter()),
+            oldest_pending_age: ::metrics::gauge!(
+                "eventful_outbox_oldest_pending_age_seconds",
+                labels.iter()
+            ),
         }
     }
 }
 
 impl RelayMetricsHandle {
-    /// A handle for the relay of `table` (the qualified table name labels the facade's
-    /// instruments).
+    /// A handle for the relay of `table` (qualified) in `database`, which label the
+    /// facade's instruments.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn new(table: &str) -> RelayMetricsHandle {
+    pub(crate) fn new(database: &str, table: &str) -> RelayMetricsHandle {
         RelayMetricsHandle {
             counters: Arc::new(Counters {
                 #[cfg(feature = "metrics")]
-                facade: Some(Facade::new(table)),
+                facade: Some(Facade::new(database, table)),
                 ..Counters::default()
             }),
         }

@@ -1,6 +1,7 @@
 //! The relay's instruments in the `metrics` facade (feature `metrics`), read from a
-//! process-wide recorder, against the real PostgreSQL. Each test uses its own outbox table,
-//! the `table` label, so tests running in parallel read only their own series.
+//! process-wide recorder, against the real PostgreSQL. Each test uses its own database and
+//! outbox table (the `database` and `table` labels), so parallel tests read only their own
+//! series.
 // `&mut *tx` is the documented way to hand a transaction to `record`.
 #![allow(clippy::explicit_auto_deref)]
 
@@ -32,7 +33,7 @@ async fn relay_counters_and_gauges_reach_the_recorder() {
     let outbox = Outbox::builder().table(&table).build().unwrap();
     outbox.migrate(&db.pool).await.unwrap();
     let label = format!("public.{table}");
-    let by_table = [("table", label.as_str())];
+    let by_table = [("database", db.name.as_str()), ("table", label.as_str())];
 
     let release = Arc::new(AtomicBool::new(false));
     let publisher = InMemoryPublisher::new();

@@ -124,7 +124,10 @@ impl RelayBuilder {
                 "poll_interval and backoff base must be > 0 and backoff max >= base".into(),
             ));
         }
-        let metrics = RelayMetricsHandle::new(&self.outbox.qualified_table());
+        let options = self.pool.connect_options();
+        // PostgreSQL's default database is the user's name.
+        let database = options.get_database().unwrap_or(options.get_username());
+        let metrics = RelayMetricsHandle::new(database, &self.outbox.qualified_table());
         Ok(Relay {
             pool: self.pool,
             outbox: self.outbox,
