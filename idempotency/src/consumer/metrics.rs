@@ -16,7 +16,9 @@
 
 use std::future::Future;
 
-use super::{Delivery, Outcome};
+use super::Delivery;
+#[cfg(feature = "metrics")]
+use super::Outcome;
 
 /// Counts a settled message by its outcome.
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
@@ -33,8 +35,6 @@ pub(super) fn settled(consumer: &str, delivery: &Delivery) {
         ::metrics::counter!(name, "consumer" => consumer.to_owned(), "topic" => delivery.topic.clone())
             .increment(1);
     }
-    #[cfg(not(feature = "metrics"))]
-    let _: &Outcome = &delivery.outcome;
 }
 
 /// Runs a handler, recording how long it took (whatever its result).
