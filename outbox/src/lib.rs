@@ -122,13 +122,13 @@ mod retention;
 pub mod rotation;
 mod sql;
 
+pub use self::metrics::{RelayMetrics, RelayMetricsHandle};
 pub use error::Error;
 pub use event::{NewEvent, OutboxRecord};
 /// The Kafka header names and content types of a published event (from `eventful-core`).
 pub use eventful_core::headers;
 /// The retry backoff every builder's `backoff` setter takes (from `eventful-core`).
 pub use eventful_core::Backoff;
-pub use metrics::{RelayMetrics, RelayMetricsHandle};
 pub use outbox::{EventStatus, Outbox, OutboxBuilder, OutboxStats, ParkedEvent, TraceparentSource};
 #[cfg(feature = "kafka")]
 pub use publisher::kafka::{KafkaPublisher, KafkaPublisherBuilder};

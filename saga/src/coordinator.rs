@@ -270,6 +270,7 @@ impl Coordinator {
         }
         self.record(&mut tx, command).await?;
         tx.commit().await?;
+        crate::metrics::transition(saga_type, change.transition);
         tracing::debug!("saga started");
         Ok(())
     }
@@ -331,6 +332,7 @@ impl Coordinator {
                     _ => None,
                 };
                 let to = change.to;
+                let transition = change.transition;
                 self.apply(
                     &mut tx,
                     saga.as_ref(),
@@ -342,6 +344,7 @@ impl Coordinator {
                 )
                 .await?;
                 tx.commit().await?;
+                crate::metrics::transition(&row.saga_type, transition);
                 tracing::debug!(status = %to.status, step = to.step, "reply applied");
                 Ok(ReplyOutcome::Applied {
                     status: to.status,
@@ -374,10 +377,14 @@ impl Coordinator {
             i64::try_from(self.inner.scan_batch).unwrap_or(i64::MAX),
         )
         .await?;
+        let mut applied = Vec::new();
         for row in &due {
             let mut sp = tx.begin().await?;
             match self.expire_one(&mut sp, row).await {
-                Ok(()) => sp.commit().await?,
+                Ok(transition) => {
+                    sp.commit().await?;
+                    applied.extend(transition.map(|t| (row.saga_type.as_str(), t)));
+                }
                 Err(e) if e.is_retryable() => return Err(e),
                 Err(e) => {
                     sp.rollback().await?;
@@ -387,10 +394,26 @@ impl Coordinator {
             }
         }
         tx.commit().await?;
+        for (saga_type, transition) in applied {
+            crate::metrics::transition(saga_type, transition);
+        }
         Ok(due.len())
     }
 
-    async fn expire_one(&self, conn: &mut PgConnection, row: &Loaded) -> Result<(), Error> {
+    /// Sets the running / compensating gauges from a count in PostgreSQL.
+    #[cfg(feature = "metrics")]
+    pub(crate) async fn refresh_in_flight_gauges(&self) -> Result<(), Error> {
+        let counts = store::count_in_flight(&self.inner.pool, &self.inner.types).await?;
+        crate::metrics::in_flight(&self.inner.types, &counts);
+        Ok(())
+    }
+
+    /// Applies a due deadline; the transition made, if any.
+    async fn expire_one(
+        &self,
+        conn: &mut PgConnection,
+        row: &Loaded,
+    ) -> Result<Option<crate::Transition>, Error> {
         let span = tracing::info_span!(
             "saga.deadline",
             saga_id = %row.id,
@@ -406,13 +429,15 @@ impl Coordinator {
                 self.inner.retry_backoff,
             );
             let Decision::Apply(change) = decision else {
-                return Ok(());
+                return Ok(None);
             };
+            let transition = change.transition;
             tracing::info!(transition = %change.transition, "deadline passed");
             let reason = (change.transition == crate::Transition::StepTimedOut)
                 .then_some("step deadline passed");
             self.apply(conn, saga.as_ref(), row, change, None, None, reason)
-                .await
+                .await?;
+            Ok(Some(transition))
         }
         .instrument(span)
         .await

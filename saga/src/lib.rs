@@ -31,6 +31,7 @@ mod coordinator;
 mod definition;
 mod error;
 mod machine;
+mod metrics;
 mod migrate;
 mod model;
 mod reply;

@@ -251,6 +251,23 @@ pub(crate) async fn lock_due(
     rows.into_iter().map(Loaded::try_from).collect()
 }
 
+/// `(saga_type, status, count)` of the in-flight instances of `types` (the gauges).
+#[cfg(feature = "metrics")]
+pub(crate) async fn count_in_flight(
+    pool: &sqlx::PgPool,
+    types: &[String],
+) -> Result<Vec<(String, String, i64)>, Error> {
+    // Served by the partial index of in-flight instances.
+    Ok(sqlx::query_as(
+        "SELECT saga_type, status, count(*) FROM eventful_saga_instances \
+         WHERE status IN ('running', 'compensating') AND saga_type = ANY($1) \
+         GROUP BY saga_type, status",
+    )
+    .bind(types)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Pushes a deadline back (used when a due instance cannot be processed).
 pub(crate) async fn postpone(conn: &mut PgConnection, id: Uuid, by: Duration) -> Result<(), Error> {
     sqlx::query(

@@ -13,7 +13,8 @@ impl Coordinator {
     /// [`expire_due`](Coordinator::expire_due) until a batch comes back short (so a
     /// backlog drains at full speed), then sleeps. Timed-out actions start compensation;
     /// unacknowledged compensations are re-sent. On `cancel` it finishes the batch in hand
-    /// and returns. Errors are logged and retried at the next tick. Any number of scanners
+    /// and returns. Errors are logged and retried at the next tick. With the `metrics`
+    /// feature it also refreshes the running / compensating gauges each interval. Any number of scanners
     /// (in any number of processes) may run against one database.
     pub fn spawn_deadline_scanner(&self, cancel: CancellationToken) -> JoinHandle<()> {
         let coordinator = self.clone();
@@ -35,6 +36,10 @@ impl Coordinator {
                                 break;
                             }
                         }
+                    }
+                    #[cfg(feature = "metrics")]
+                    if let Err(e) = coordinator.refresh_in_flight_gauges().await {
+                        tracing::debug!(error = %e, "counting in-flight sagas failed");
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return,

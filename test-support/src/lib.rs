@@ -15,6 +15,8 @@
 //! of the suite relies on are never disturbed.
 
 pub mod kafka;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod postgres;
 mod process;
 mod redis_support;

@@ -20,6 +20,7 @@ pub mod http;
 pub mod infra;
 pub mod load;
 pub mod notification;
+pub mod observe;
 pub mod order;
 pub mod payment;
 pub mod service;

@@ -35,6 +35,9 @@ impl ServiceBase {
         settings: &Settings,
         migrator: &Migrator,
     ) -> anyhow::Result<Self> {
+        // Before the relay, the consumer and the stores register their instruments: one
+        // registered while no recorder is installed stays a no-op for good.
+        let _ = crate::observe::recorder();
         let pool = infra::service_database(settings, name).await?;
         migrator
             .run(&pool)
@@ -121,7 +124,17 @@ impl ServiceBase {
         Ok(())
     }
 
-    /// Serves `routes` (plus `/health` and the common layers) on `addr`.
+    /// What `/ready` checks for this service: its database and Kafka.
+    pub fn readiness(&self) -> anyhow::Result<crate::observe::Readiness> {
+        crate::observe::Readiness::new(
+            self.pool.clone(),
+            &self.settings.kafka_brokers,
+            &self.settings.topic,
+        )
+    }
+
+    /// Serves `routes` (plus `/health`, `/metrics`, `/ready` and the common layers) on
+    /// `addr`.
     pub async fn spawn_http(
         &self,
         addr: &str,
@@ -129,6 +142,20 @@ impl ServiceBase {
         tasks: &mut JoinSet<anyhow::Result<()>>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
+        self.spawn_http_with(addr, routes, self.readiness()?, tasks, cancel)
+            .await
+    }
+
+    /// [`spawn_http`](Self::spawn_http) with `/ready` checking `readiness`.
+    pub async fn spawn_http_with(
+        &self,
+        addr: &str,
+        routes: axum::Router,
+        readiness: crate::observe::Readiness,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let routes = routes.merge(crate::observe::routes(readiness));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("{}: binding {addr}", self.name))?;

@@ -142,10 +142,13 @@ pub(crate) async fn apply(settings: &Settings, items: &[&Prepared]) -> BatchResu
             eventful_core::otel::set_parent(&span, traceparent);
         }
         // Panics are caught per event, as on the one-event path.
-        let handled = AssertUnwindSafe(handler.handle(&mut tx, meta))
-            .catch_unwind()
-            .instrument(span)
-            .await;
+        let handled = super::metrics::timed(
+            settings.guard.consumer(),
+            &meta.event_type,
+            AssertUnwindSafe(handler.handle(&mut tx, meta)).catch_unwind(),
+        )
+        .instrument(span)
+        .await;
         if !matches!(handled, Ok(Ok(()))) {
             match &handled {
                 Ok(Err(failure)) => {

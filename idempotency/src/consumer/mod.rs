@@ -21,6 +21,7 @@ mod batch;
 #[cfg(test)]
 mod batch_tests;
 mod dead_letter;
+mod metrics;
 mod options;
 mod partition;
 mod runtime;

@@ -15,7 +15,9 @@ pub struct ConsumerOptions {
     /// Name of the logical consumer in the processed-event guard. Usually equal to the group
     /// id; two groups sharing a name share their dedup records.
     pub consumer_name: String,
-    /// Extra librdkafka settings applied last (e.g. `session.timeout.ms`). The runtime's own
+    /// Extra librdkafka settings applied last (e.g. `session.timeout.ms`; with the `metrics`
+    /// feature, `statistics.interval.ms` sets how often the lag gauges refresh, default
+    /// 5000). The runtime's own
     /// `enable.auto.commit=true` and `enable.auto.offset.store=false` must not be overridden.
     pub client_config: Vec<(String, String)>,
 }
@@ -72,6 +74,10 @@ impl ConsumerOptions {
             // commits stored offsets periodically, on revoke and on close.
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false");
+        // The partition lag gauges come from librdkafka's statistics (a setting in
+        // `client_config` overrides the interval; 0 turns them off).
+        #[cfg(feature = "metrics")]
+        config.set("statistics.interval.ms", "5000");
         for (key, value) in &self.client_config {
             config.set(key, value);
         }

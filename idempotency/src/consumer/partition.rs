@@ -212,6 +212,7 @@ async fn settle(
     message: &RawMessage,
     delivery: Delivery,
 ) {
+    super::metrics::settled(settings.guard.consumer(), &delivery);
     if let Some(hook) = &settings.on_delivery {
         // The message is settled: a panicking hook must not kill the partition.
         if let Err(panic) = AssertUnwindSafe(async { hook(delivery).await })
@@ -340,9 +341,12 @@ async fn attempt(settings: &Settings, message: &RawMessage) -> Attempt {
     // A panic (a bug such as an out-of-bounds index) is caught per event: unwinding out of
     // here would end the partition's task and stall the partition for good. The transaction
     // is rolled back, so nothing of the panicking attempt is applied.
-    let handled = AssertUnwindSafe(async { handler.handle(&mut tx, &meta).await })
-        .catch_unwind()
-        .await;
+    let handled = super::metrics::timed(
+        settings.guard.consumer(),
+        &meta.event_type,
+        AssertUnwindSafe(async { handler.handle(&mut tx, &meta).await }).catch_unwind(),
+    )
+    .await;
     match handled {
         Ok(Ok(())) => {}
         Err(panic) => {

@@ -25,9 +25,18 @@ type Tp = (String, i32);
 /// Forwards revocations from librdkafka's rebalance callback to the loop.
 struct InboxContext {
     revoked: std::sync::mpsc::Sender<Vec<Tp>>,
+    /// The consumer group, labelling the lag gauges.
+    #[cfg(feature = "metrics")]
+    group: String,
 }
 
-impl ClientContext for InboxContext {}
+impl ClientContext for InboxContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`) carry each partition's lag.
+    #[cfg(feature = "metrics")]
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        super::metrics::lag(&self.group, &statistics);
+    }
+}
 
 impl ConsumerContext for InboxContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -39,6 +48,12 @@ impl ConsumerContext for InboxContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 tracing::info!(partitions = ?tps, "partitions revoked");
+                // The new owner reports the lag from now on; a stale value here would count
+                // the same messages twice in a sum over members.
+                #[cfg(feature = "metrics")]
+                for (topic, partition) in &tps {
+                    super::metrics::set_lag(&self.group, topic, *partition, 0.0);
+                }
                 // A partition the loop paused (full worker) stays paused through a rebalance
                 // in librdkafka: clear that before it may come back to this member.
                 if let Err(e) = consumer.resume(list) {
@@ -133,6 +148,8 @@ pub(crate) async fn run(
         .consumer_config()
         .create_with_context(InboxContext {
             revoked: revoked_tx,
+            #[cfg(feature = "metrics")]
+            group: options.group_id.clone(),
         })?;
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     client.subscribe(&topic_refs)?;

@@ -159,13 +159,17 @@ impl RelayBuilder {
                 "poll_interval and backoff base must be > 0 and backoff max >= base".into(),
             ));
         }
+        let options = self.pool.connect_options();
+        // PostgreSQL's default database is the user's name.
+        let database = options.get_database().unwrap_or(options.get_username());
+        let metrics = RelayMetricsHandle::new(database, &self.outbox.qualified_table());
         Ok(Relay {
             pool: self.pool,
             outbox: self.outbox,
             publisher: self.publisher,
             config: self.config,
             id: Uuid::new_v4(),
-            metrics: RelayMetricsHandle::default(),
+            metrics,
         })
     }
 }
@@ -404,7 +408,6 @@ impl Relay {
         let Some(policy) = self.config.rotation else {
             return std::future::pending().await;
         };
-        let counters = &self.metrics.counters;
         // A rotation that keeps being put off lets the table grow again: say so, once a
         // minute, at warn level.
         let mut put_off_since: Option<std::time::Instant> = None;
@@ -416,8 +419,7 @@ impl Relay {
                 .await;
             let wait = match &outcome {
                 Ok(Rotation::Rotated { carried, .. }) => {
-                    counters.rotations.fetch_add(1, Ordering::Relaxed);
-                    counters.carried.fetch_add(*carried, Ordering::Relaxed);
+                    self.metrics.add_rotation(*carried);
                     put_off_since = None;
                     policy.check
                 }
@@ -559,13 +561,8 @@ impl Relay {
         // Approximate when a failure could not be recorded (counted as retried or parked
         // anyway); the warning logged for it is the signal.
         let parked = f_park.iter().filter(|p| **p).count() as u64;
-        counters
-            .published
-            .fetch_add(published_len as u64, Ordering::Relaxed);
-        counters.parked.fetch_add(parked, Ordering::Relaxed);
-        counters
-            .retried
-            .fetch_add(f_seq.len() as u64 - parked, Ordering::Relaxed);
+        self.metrics
+            .add_batch(published_len as u64, f_seq.len() as u64 - parked, parked);
         let span = tracing::Span::current();
         span.record("published", published_len);
         span.record("failed", f_seq.len());

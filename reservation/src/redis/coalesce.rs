@@ -59,6 +59,7 @@ pub(crate) struct Context {
     pub(crate) expiries_key: String,
     pub(crate) stock_prefix: String,
     pub(crate) retention_ms: u64,
+    instruments: super::Instruments,
     next: AtomicUsize,
 }
 
@@ -69,8 +70,10 @@ impl Context {
         expiries_key: String,
         stock_prefix: String,
         retention_ms: u64,
+        instruments: super::Instruments,
     ) -> Self {
         Self {
+            instruments,
             conns,
             script,
             expiries_key,
@@ -183,7 +186,8 @@ async fn send(context: Arc<Context>, batch: Vec<Request>) {
     }
     let span = tracing::debug_span!("reservation.batch", size = batch.len());
     let mut conn = context.connection();
-    let result = inv.invoke_async::<Value>(&mut conn).instrument(span).await;
+    let invoked = inv.invoke_async::<Value>(&mut conn).instrument(span);
+    let result = context.instruments.timed("batch", invoked).await;
     match result {
         Ok(Value::Array(replies)) if replies.len() == batch.len() => {
             for (request, reply) in batch.into_iter().zip(replies) {

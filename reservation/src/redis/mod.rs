@@ -2,6 +2,7 @@
 
 mod coalesce;
 mod connection;
+mod metrics;
 mod scripts;
 
 pub use connection::RedisConnection;
@@ -17,6 +18,7 @@ use redis::io::tcp::TcpSettings;
 use redis::{IntoConnectionInfo, ScriptInvocation, Value};
 use tracing::Instrument;
 
+use self::metrics::Instruments;
 use crate::error::is_retryable_redis;
 use crate::model::{check_id, check_sku, check_ttl, from_unix_ms, normalize_items};
 use crate::{
@@ -67,6 +69,7 @@ struct Inner {
     retention_ms: u64,
     max_attempts: u32,
     retry_backoff: Backoff,
+    instruments: Instruments,
 }
 
 impl std::fmt::Debug for RedisReservations {
@@ -329,7 +332,8 @@ impl RedisReservations {
         let mut attempt = 1;
         loop {
             let mut conn = self.connection();
-            match invocation.invoke_async::<Value>(&mut conn).await {
+            let invoked = invocation.invoke_async::<Value>(&mut conn);
+            match self.inner.instruments.timed(op, invoked).await {
                 Ok(value) => return Ok(value),
                 Err(e) if attempt < max_attempts && is_retryable_redis(&e) => {
                     tracing::warn!(op, attempt, error = %e, "redis call failed, retrying");
@@ -504,6 +508,7 @@ impl RedisReservationsBuilder {
             .unwrap_or(u64::MAX)
             .max(1);
         let scripts = Scripts::new();
+        let instruments = Instruments::new(&self.namespace);
         let coalescer = self.coalesce.then(|| {
             Coalescer::spawn(
                 coalesce::Context::new(
@@ -512,6 +517,7 @@ impl RedisReservationsBuilder {
                     format!("{base}expiries"),
                     format!("{base}stock:"),
                     retention_ms,
+                    instruments.clone(),
                 ),
                 self.max_batch,
                 self.batches_in_flight,
@@ -529,6 +535,7 @@ impl RedisReservationsBuilder {
                 retention_ms,
                 max_attempts: self.max_attempts,
                 retry_backoff: self.retry_backoff,
+                instruments,
             }),
         })
     }
@@ -722,7 +729,16 @@ impl ReservationStore for RedisReservations {
         };
         let span = tracing::debug_span!("reservation.reserve", reservation_id, items = items.len());
         let reply = array(self.execute(entry).instrument(span).await?)?;
-        match text(reply.first())?.as_str() {
+        let outcome = text(reply.first())?;
+        match outcome.as_str() {
+            "created" => self.inner.instruments.hold("held"),
+            "existing" => self.inner.instruments.hold("existing"),
+            "conflict" => self.inner.instruments.hold("conflict"),
+            "unknown_sku" => self.inner.instruments.hold("unknown_sku"),
+            "insufficient" => self.inner.instruments.hold("insufficient"),
+            _ => {}
+        }
+        match outcome.as_str() {
             "created" => Ok(Reservation {
                 id: reservation_id.to_owned(),
                 state: ReservationState::Held,
@@ -835,6 +851,16 @@ impl ReservationStore for RedisReservations {
                         tracing::warn!(reservation_id = %id, error = %e, "cannot expire hold");
                         first_error.get_or_insert(e);
                     }
+                }
+            }
+            self.inner.instruments.expired(reaped);
+            if self.inner.instruments.wants_active_holds() {
+                // One ZCARD per sweep keeps the gauge as fresh as the reaper's interval.
+                let mut cmd = redis::cmd("ZCARD");
+                cmd.arg(&self.inner.expiries_key);
+                match self.query::<u64>(&cmd).await {
+                    Ok(holds) => self.inner.instruments.active_holds(holds),
+                    Err(e) => tracing::debug!(error = %e, "counting active holds failed"),
                 }
             }
             match first_error {

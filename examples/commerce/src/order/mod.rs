@@ -81,11 +81,14 @@ pub async fn start(
     let scheduler_cancel = cancel.clone();
     tasks.spawn(async move { scheduler.run(scheduler_cancel).await });
 
+    // The order service holds stock in Redis: it is not ready without it.
+    let readiness = service.base.readiness()?.with_redis(&settings.redis_url)?;
     service
         .base
-        .spawn_http(
+        .spawn_http_with(
             &settings.order_addr,
             api::routes(service.clone()),
+            readiness,
             tasks,
             cancel,
         )
