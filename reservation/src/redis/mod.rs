@@ -198,17 +198,12 @@ impl RedisReservations {
     }
 
     /// The stored `state`, `expires_at` and `items` of a reservation (a plain read: a
-    /// write that follows re-checks them atomically).
+    /// write that follows re-checks them atomically), as the scripts reply them.
     async fn read_record(&self, reservation_id: &str) -> Result<Option<Vec<Value>>, Error> {
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.reservation_key(reservation_id))
-            .arg(&["state", "expires_at", "items"]);
-        let fields: Vec<Value> = self.query(&cmd).await?;
-        Ok(if fields.iter().any(|f| matches!(f, Value::Nil)) {
-            None
-        } else {
-            Some(fields)
-        })
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.reservation_key(reservation_id));
+        let record: Option<String> = self.query(&cmd).await?;
+        record.map(|record| decode_record(&record)).transpose()
     }
 
     /// Confirms, releases or expires a hold with the `settle` script, every key declared:
@@ -567,6 +562,20 @@ fn int(value: Option<&Value>) -> Result<u64, Error> {
     }
 }
 
+/// A stored record, `<state>:<expires_at>:<items JSON>` (see `lua/common.lua`), as the
+/// fields `{state, expires_at, items}` the scripts reply.
+fn decode_record(record: &str) -> Result<Vec<Value>, Error> {
+    let mut fields = record.splitn(3, ':');
+    match (fields.next(), fields.next(), fields.next()) {
+        (Some(state), Some(expires_at), Some(items)) => Ok(vec![
+            Value::BulkString(state.as_bytes().to_vec()),
+            Value::Int(expires_at.parse().map_err(protocol)?),
+            Value::BulkString(items.as_bytes().to_vec()),
+        ]),
+        _ => Err(protocol(format!("not a reservation record: {record:?}"))),
+    }
+}
+
 fn parse_items(json: &str) -> Result<Vec<(String, u64)>, Error> {
     let flat: Vec<String> = serde_json::from_str(json).map_err(protocol)?;
     flat.chunks(2)
@@ -721,14 +730,19 @@ impl ReservationStore for RedisReservations {
             qtys: items.iter().map(|(_, qty)| *qty).collect(),
         };
         let span = tracing::debug_span!("reservation.reserve", reservation_id, items = items.len());
-        let reply = array(self.execute(entry).instrument(span).await?)?;
+        let reply = match self.execute(entry).instrument(span).await? {
+            // Created: the reply is only the deadline (the caller knows the rest).
+            Value::Int(expires_at) => {
+                return Ok(Reservation {
+                    id: reservation_id.to_owned(),
+                    state: ReservationState::Held,
+                    expires_at: from_unix_ms(u64::try_from(expires_at).map_err(protocol)?),
+                    items,
+                })
+            }
+            reply => array(reply)?,
+        };
         match text(reply.first())?.as_str() {
-            "created" => Ok(Reservation {
-                id: reservation_id.to_owned(),
-                state: ReservationState::Held,
-                expires_at: from_unix_ms(int(reply.get(2))?),
-                items,
-            }),
             "existing" => parse_reservation(reservation_id, &reply, 1)?
                 .ok_or_else(|| not_found(reservation_id)),
             "conflict" => Err(Error::IdConflict {
