@@ -286,32 +286,13 @@ impl RedisReservations {
 
     /// One call as its own `reserve` / `settle` script invocation (no retry).
     async fn invoke_single(&self, entry: &Entry) -> Result<Value, Error> {
-        let (reservation_key, stock_keys) = entry
-            .keys
-            .split_first()
-            .ok_or_else(|| protocol("a call without keys"))?;
-        let script = if entry.op == "reserve" {
-            &self.inner.scripts.reserve
-        } else {
-            &self.inner.scripts.settle
-        };
-        let mut inv = script.key(reservation_key);
-        inv.key(&self.inner.expiries_key);
-        for key in stock_keys {
-            inv.key(key);
-        }
-        inv.arg(&entry.id);
-        if entry.op == "reserve" {
-            inv.arg(entry.ttl_ms);
-        } else {
-            inv.arg(entry.op);
-        }
-        inv.arg(self.inner.retention_ms)
-            .arg(&self.inner.stock_prefix)
-            .arg(&entry.items_json);
-        for qty in &entry.qtys {
-            inv.arg(*qty);
-        }
+        let inv = entry.single(
+            &self.inner.scripts.reserve,
+            &self.inner.scripts.settle,
+            &self.inner.expiries_key,
+            self.inner.retention_ms,
+            &self.inner.stock_prefix,
+        )?;
         self.invoke_with(entry.op, &inv, 1).await
     }
 
@@ -503,7 +484,7 @@ impl RedisReservationsBuilder {
             Coalescer::spawn(
                 coalesce::Context::new(
                     conns.clone(),
-                    scripts.batch.clone(),
+                    &scripts,
                     format!("{base}expiries"),
                     format!("{base}stock:"),
                     retention_ms,
