@@ -12,6 +12,16 @@ use eventful_reservation::{RedisReservations, ReservationStore};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
+/// The private redis-server, killed on drop (also when a panic unwinds).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn proc_cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
     let after = stat.rsplit_once(')').unwrap().1;
@@ -81,12 +91,14 @@ fn main() {
     let max_batch: usize = arg(4, "128").parse().unwrap();
     let in_flight: usize = arg(5, "1").parse().unwrap();
     let port = eventful_test_support::spare_port();
-    let mut server = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _server = Server(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -143,6 +155,4 @@ fn main() {
             println!("  {line}");
         }
     });
-    let _ = server.kill();
-    let _ = server.wait();
 }
