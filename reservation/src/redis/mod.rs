@@ -151,7 +151,7 @@ impl RedisReservations {
         format!("{}{sku}", self.inner.stock_prefix)
     }
 
-    /// The key of a reservation's hash (`<prefix>{<namespace>}:res:<id>`).
+    /// The key of a reservation's record, a string (`<prefix>{<namespace>}:res:<id>`).
     pub fn reservation_key(&self, reservation_id: &str) -> String {
         format!("{}{reservation_id}", self.inner.res_prefix)
     }
