@@ -2,25 +2,117 @@
 -- applied in order, each with exactly the semantics of reserve.lua / settle.lua and its
 -- own reply. Coalescing sends one of these instead of one script per call.
 --
--- KEYS[1] expiries zset; then per entry: its reservation hash, then the stock hash of each
--- of its items (in the canonical item order).
+-- KEYS[1] expiries zset; then per entry: its reservation record, then the stock hash of
+-- each of its items (in the canonical item order).
 -- ARGV[1] retention ms, ARGV[2] stock key prefix, ARGV[3] number of entries; then per
 -- entry: op (reserve|confirm|release|expire), reservation id, number of items n, ttl ms
 -- (0 for a settlement), items JSON (canonical; for a settlement the items the client
 -- read), then for a reserve the n quantities.
 -- Returns one reply per entry, in order: a reserve's reply as reserve.lua, a settlement's
--- as settle.lua, or {'error', message} if a Redis command of that entry failed (foreign
--- data under the key prefix): the other entries are not affected.
+-- as settle.lua, or {'error', message} if that entry cannot be applied (foreign data
+-- under the key prefix): the other entries are not affected.
 --
--- Stock levels are read once per batch and written once at its end (a hot SKU costs one
--- HMGET and one HSET per batch, not per reservation); in between every entry sees the
--- levels the entries before it left, exactly as separate scripts would. An entry changes
--- the cached levels only after its own writes succeeded, so a failed entry moves no stock.
+-- Every key is read at most once per batch and written at most once, at its end: the
+-- records with one MGET and one MSET (final ones with SET .. PX, for their retention),
+-- the expiry index with one ZADD and one ZREM, each stock hash with one HMGET and one
+-- HSET. In between every entry sees what the entries before it left, exactly as separate
+-- scripts would; an entry changes the cached state only once it is sure to apply, so an
+-- entry that fails changes nothing. Lua has no rollback, so the writes come last, the
+-- expiry index first: the only one that can fail (a foreign key) then fails the batch
+-- before anything is written.
 local expiries_key = KEYS[1]
 local retention = tonumber(ARGV[1])
 local stock_prefix = ARGV[2]
 local entries = tonumber(ARGV[3])
 local now = now_ms()
+
+-- Lua's unpack is limited to a few thousand values: bulk commands go in slices.
+local SLICE = 1024
+
+-- ---- reservation records -------------------------------------------------------------
+
+-- key -> stored string or false (no record); foreign[key] = true for a key holding
+-- something other than a string (an entry on it fails, nothing overwrites it).
+local records, foreign = {}, {}
+-- Written records, in order: key -> true, and key -> true if final (SET .. PX).
+local record_keys, record_dirty, record_final = {}, {}, {}
+
+do
+  local res_keys, seen = {}, {}
+  local k, a = 2, 4
+  for _ = 1, entries do
+    local key = KEYS[k]
+    if not seen[key] then
+      seen[key] = true
+      res_keys[#res_keys + 1] = key
+    end
+    local n = tonumber(ARGV[a + 2])
+    k = k + 1 + n
+    a = a + 5
+    if ARGV[a - 5] == 'reserve' then
+      a = a + n
+    end
+  end
+  local found = 0
+  for first = 1, #res_keys, SLICE do
+    local last = math.min(first + SLICE - 1, #res_keys)
+    local values = redis.call('MGET', unpack(res_keys, first, last))
+    for i = first, last do
+      local value = values[i - first + 1]
+      records[res_keys[i]] = value
+      if value then
+        found = found + 1
+      end
+    end
+  end
+  -- MGET reads a key of another type as missing: count the keys that exist, and only if
+  -- some are not strings look for them one by one.
+  local existing = 0
+  for first = 1, #res_keys, SLICE do
+    local last = math.min(first + SLICE - 1, #res_keys)
+    existing = existing + redis.call('EXISTS', unpack(res_keys, first, last))
+  end
+  if existing > found then
+    for _, key in ipairs(res_keys) do
+      if not records[key] then
+        local kind = redis.call('TYPE', key)
+        foreign[key] = kind['ok'] ~= 'none'
+      end
+    end
+  end
+end
+
+local function write_record(key, value, final)
+  if not record_dirty[key] then
+    record_dirty[key] = true
+    record_keys[#record_keys + 1] = key
+  end
+  records[key] = value
+  record_final[key] = final
+end
+
+-- Deadlines as text, formatted once per batch (calls of a batch mostly share a ttl).
+local deadlines = {}
+local function deadline_text(expires_at)
+  local text = deadlines[expires_at]
+  if not text then
+    text = exact(expires_at)
+    deadlines[expires_at] = text
+  end
+  return text
+end
+
+-- The expiry index: id -> deadline (text) to add, or false to remove (the last change
+-- wins).
+local index_ids, index_change = {}, {}
+local function change_index(id, deadline)
+  if index_change[id] == nil then
+    index_ids[#index_ids + 1] = id
+  end
+  index_change[id] = deadline
+end
+
+-- ---- stock levels ----------------------------------------------------------------------
 
 -- key -> {available, held, sold}, 'unknown' (no stock hash) or 'corrupt' (out of bounds).
 local levels = {}
@@ -42,10 +134,6 @@ local function level_at(key)
     levels[key] = level
   end
   return level
-end
-
-local function exact(n)
-  return string.format('%.0f', n)
 end
 
 -- Plans moving a reservation's items (KEYS[first], ...) from held to field `to`, as
@@ -94,78 +182,93 @@ local function apply_moves(moves, to)
   end
 end
 
--- One reserve: KEYS[k] its reservation hash, KEYS[k + 1 .. k + n] its stock hashes,
+-- A reservation's final state: off the expiry index, kept for the retention period.
+local function finish_entry(res_key, id, state, expires_at, items_json)
+  write_record(res_key, encode_record(state, expires_at, items_json), true)
+  change_index(id, false)
+end
+
+local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of value'
+
+-- ---- entries ---------------------------------------------------------------------------
+
+-- One reserve: KEYS[k] its reservation record, KEYS[k + 1 .. k + n] its stock hashes,
 -- ARGV[q .. q + n - 1] its quantities.
 local function reserve_entry(k, n, id, ttl, items_json, q)
   local res_key = KEYS[k]
-  local stored = redis.call('HMGET', res_key, 'state', 'items', 'expires_at')
-  if stored[1] then
-    local state, expires_at = stored[1], tonumber(stored[3])
-    if stored[2] ~= items_json then
+  if foreign[res_key] then
+    return {'error', WRONGTYPE}
+  end
+  local state, expires_at, stored_items = decode_record(records[res_key])
+  if state then
+    if stored_items ~= items_json then
       if state == 'held' and now >= expires_at then
         state = 'expired'
       end
-      return {'conflict', state, expires_at, stored[2]}
+      return {'conflict', state, expires_at, stored_items}
     end
     if state == 'held' and now >= expires_at then
       if not keys_match(k + 1, n, stock_prefix, items_json) then
         return {'error', 'reserve: the declared keys are not the items\' stock keys'}
       end
-      local moves, corrupt = plan_moves(k + 1, stored[2], 'available')
+      local moves, corrupt = plan_moves(k + 1, stored_items, 'available')
       if not moves then
         return corrupt
       end
-      finish(res_key, expiries_key, id, 'expired', retention)
+      finish_entry(res_key, id, 'expired', expires_at, stored_items)
       apply_moves(moves, 'available')
       state = 'expired'
     end
-    return {'existing', state, expires_at, stored[2]}
+    return {'existing', state, expires_at, stored_items}
   end
-  local prefix_len = string.len(stock_prefix)
   -- Validate every item first ...
+  local qtys = {}
   for i = 1, n do
     local key = KEYS[k + i]
     local qty = tonumber(ARGV[q + i - 1])
-    local sku = string.sub(key, prefix_len + 1)
     local level = level_at(key)
-    if level == 'unknown' then
-      return {'unknown_sku', sku}
-    end
-    if level == 'corrupt' then
-      return corrupt_reply(sku, raws[key])
-    end
-    if level[1] < qty then
+    if type(level) ~= 'table' or level[1] < qty then
+      local sku = string.sub(key, string.len(stock_prefix) + 1)
+      if level == 'unknown' then
+        return {'unknown_sku', sku}
+      end
+      if level == 'corrupt' then
+        return corrupt_reply(sku, raws[key])
+      end
       return {'insufficient', sku, qty, level[1]}
     end
+    qtys[i] = qty
   end
-  -- ... then write the record, and only then move the (cached) stock.
-  local expires_at = now + ttl
-  redis.call('ZADD', expiries_key, expires_at, id)
-  redis.call('HSET', res_key, 'state', 'held', 'items', items_json, 'expires_at', expires_at)
+  -- ... then record the hold and move the (cached) stock.
+  expires_at = now + ttl
+  local deadline = deadline_text(expires_at)
+  write_record(res_key, string.format('held:%s:%s', deadline, items_json), false)
+  change_index(id, deadline)
   for i = 1, n do
-    local level = levels[KEYS[k + i]]
-    local qty = tonumber(ARGV[q + i - 1])
-    level[1] = level[1] - qty
-    level[2] = level[2] + qty
-    touch(KEYS[k + i])
+    local key = KEYS[k + i]
+    local level = levels[key]
+    level[1] = level[1] - qtys[i]
+    level[2] = level[2] + qtys[i]
+    touch(key)
   end
-  return {'created', 'held', expires_at}
+  return expires_at
 end
 
--- One settlement (as settle.lua): KEYS[k] its reservation hash, KEYS[k + 1 .. k + n] the
+-- One settlement (as settle.lua): KEYS[k] its reservation record, KEYS[k + 1 .. k + n] the
 -- stock hashes of the items the client read.
 local function settle_entry(k, n, id, action, items_json)
   local res_key = KEYS[k]
-  local stored = redis.call('HMGET', res_key, 'state', 'items', 'expires_at')
-  local state = stored[1]
+  if foreign[res_key] then
+    return {'error', WRONGTYPE}
+  end
+  local state, expires_at, stored_items = decode_record(records[res_key])
   if not state then
-    redis.call('ZREM', expiries_key, id)
+    change_index(id, false)
     return {'not_found'}
   end
-  local expires_at = tonumber(stored[3])
   local changed = 0
   if state == 'held' then
-    if stored[2] ~= items_json or not keys_match(k + 1, n, stock_prefix, items_json) then
+    if stored_items ~= items_json or not keys_match(k + 1, n, stock_prefix, items_json) then
       return {'items_changed'}
     end
     local to, field
@@ -177,18 +280,18 @@ local function settle_entry(k, n, id, action, items_json)
       to, field = 'released', 'available'
     end
     if to then
-      local moves, corrupt = plan_moves(k + 1, stored[2], field)
+      local moves, corrupt = plan_moves(k + 1, stored_items, field)
       if not moves then
         return corrupt
       end
-      finish(res_key, expiries_key, id, to, retention)
+      finish_entry(res_key, id, to, expires_at, stored_items)
       apply_moves(moves, field)
       state, changed = to, 1
     end
   elseif action == 'expire' then
-    redis.call('ZREM', expiries_key, id)
+    change_index(id, false)
   end
-  return {state, expires_at, stored[2], changed}
+  return {state, expires_at, stored_items, changed}
 end
 
 local function error_text(e)
@@ -202,12 +305,12 @@ local replies = {}
 local k, a = 2, 4
 for e = 1, entries do
   local op, id, n, ttl, items_json = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
-  local ok, reply = pcall(function()
-    if op == 'reserve' then
-      return reserve_entry(k, n, id, ttl, items_json, a + 5)
-    end
-    return settle_entry(k, n, id, op, items_json)
-  end)
+  local ok, reply
+  if op == 'reserve' then
+    ok, reply = pcall(reserve_entry, k, n, id, ttl, items_json, a + 5)
+  else
+    ok, reply = pcall(settle_entry, k, n, id, op, items_json)
+  end
   if not ok then
     reply = {'error', error_text(reply)}
   end
@@ -219,7 +322,39 @@ for e = 1, entries do
   end
 end
 
--- Every stock level the batch changed, written once (exact integers: see MAX_STOCK).
+-- ---- writes, each key once -------------------------------------------------------------
+
+local adds, removes = {}, {}
+for _, id in ipairs(index_ids) do
+  local deadline = index_change[id]
+  if deadline then
+    adds[#adds + 1] = deadline
+    adds[#adds + 1] = id
+  else
+    removes[#removes + 1] = id
+  end
+end
+for first = 1, #adds, SLICE do
+  redis.call('ZADD', expiries_key, unpack(adds, first, math.min(first + SLICE - 1, #adds)))
+end
+for first = 1, #removes, SLICE do
+  redis.call('ZREM', expiries_key, unpack(removes, first, math.min(first + SLICE - 1, #removes)))
+end
+
+local held = {}
+for _, key in ipairs(record_keys) do
+  if record_final[key] then
+    redis.call('SET', key, records[key], 'PX', retention)
+  else
+    held[#held + 1] = key
+    held[#held + 1] = records[key]
+  end
+end
+for first = 1, #held, SLICE do
+  redis.call('MSET', unpack(held, first, math.min(first + SLICE - 1, #held)))
+end
+
+-- Every stock level the batch changed (exact integers: see MAX_STOCK).
 for _, key in ipairs(dirty) do
   local level = levels[key]
   redis.call('HSET', key, 'available', exact(level[1]), 'held', exact(level[2]), 'sold', exact(level[3]))

@@ -3,9 +3,12 @@
 -- Key layout (all keys of one namespace share the hash tag `{<namespace>}`, hence one
 -- Redis Cluster slot):
 --   <prefix>{<ns>}:stock:<sku>  hash  available, held, sold
---   <prefix>{<ns>}:res:<id>     hash  state (held|confirmed|released|expired), items, expires_at
+--   <prefix>{<ns>}:res:<id>     string  <state>:<expires_at>:<items>, state one of
+--                               held|confirmed|released|expired, expires_at in unix ms
 --   <prefix>{<ns>}:expiries     zset  reservation id scored by its deadline (unix ms)
 -- `items` is a JSON array of strings: sku1, qty1, sku2, qty2, ... (sorted by sku).
+-- A record is a string (not a hash) so that a batch reads all its records with one MGET
+-- and writes them with one MSET.
 --
 -- Every key a script touches is declared in KEYS (never built from stored data): Redis
 -- Cluster checks declared keys before the script runs, but an undeclared key only when
@@ -21,6 +24,29 @@ local MAX_STOCK = 9007199254740991
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A whole number as Redis stores it (no exponent: every count here is below 2^53).
+local function exact(n)
+  return string.format('%.0f', n)
+end
+
+-- A reservation record's stored form.
+local function encode_record(state, expires_at, items_json)
+  return string.format('%s:%.0f:%s', state, expires_at, items_json)
+end
+
+-- A stored record: its state, expires_at (number) and items JSON; nil if there is none.
+-- Anything else (not written by these scripts) raises an error.
+local function decode_record(raw)
+  if not raw then
+    return nil
+  end
+  local state, expires_at, items_json = string.match(raw, '^(%l+):(%d+):(.*)$')
+  if not state then
+    error('not a reservation record')
+  end
+  return state, tonumber(expires_at), items_json
 end
 
 -- A stored count: a decimal integer in [0, MAX_STOCK] (a missing field is 0), else nil.
@@ -105,9 +131,8 @@ end
 
 -- Puts a reservation in its final state: off the expiry index, kept for `retention_ms`
 -- so that retries still see the outcome.
-local function finish(res_key, expiries_key, id, state, retention_ms)
-  redis.call('HSET', res_key, 'state', state)
+local function finish(res_key, expiries_key, id, state, expires_at, items_json, retention_ms)
+  redis.call('SET', res_key, encode_record(state, expires_at, items_json), 'PX', retention_ms)
   redis.call('ZREM', expiries_key, id)
-  redis.call('PEXPIRE', res_key, retention_ms)
 end
 

@@ -1,8 +1,8 @@
 -- reserve: hold every item of a reservation, all or nothing; idempotent by reservation id.
--- KEYS[1] reservation hash, KEYS[2] expiries zset, KEYS[2+i] stock hash of item i
+-- KEYS[1] reservation record, KEYS[2] expiries zset, KEYS[2+i] stock hash of item i
 -- ARGV[1] reservation id, ARGV[2] ttl ms, ARGV[3] retention ms, ARGV[4] stock key prefix,
 -- ARGV[5] items JSON (canonical), ARGV[5+i] quantity of item i (at most MAX_STOCK)
--- Returns {'created', 'held', expires_at} (the caller knows the items),
+-- Returns expires_at (an integer) if it created the hold (the caller knows the items),
 -- {kind, state, expires_at, items} with kind existing|conflict,
 -- or {'unknown_sku', sku} / {'insufficient', sku, requested, available} /
 -- {'corrupt', sku, available, held, sold}.
@@ -11,17 +11,16 @@ local id, stock_prefix, items_json = ARGV[1], ARGV[4], ARGV[5]
 local retention = tonumber(ARGV[3])
 local now = now_ms()
 
-local stored = redis.call('HMGET', res_key, 'state', 'items', 'expires_at')
-if stored[1] then
+local state, expires_at, stored_items = decode_record(redis.call('GET', res_key))
+if state then
   -- The id is known: report it, holding nothing more.
-  local state, expires_at = stored[1], tonumber(stored[3])
-  if stored[2] ~= items_json then
+  if stored_items ~= items_json then
     -- Other items: the declared stock keys are not this record's, so touch nothing (a
     -- hold past its deadline is still reported as expired, like `reservation`).
     if state == 'held' and now >= expires_at then
       state = 'expired'
     end
-    return {'conflict', state, expires_at, stored[2]}
+    return {'conflict', state, expires_at, stored_items}
   end
   -- A hold past its deadline that the reaper has not reached yet expires now, so the
   -- answer never shows a dead hold. Its items are the declared ones.
@@ -29,14 +28,14 @@ if stored[1] then
     if not keys_match(3, #KEYS - 2, stock_prefix, items_json) then
       return redis.error_reply('reserve: the declared keys are not the items\' stock keys')
     end
-    local corrupt = move_items(3, stored[2], 'available')
+    local corrupt = move_items(3, stored_items, 'available')
     if corrupt then
       return corrupt
     end
-    finish(res_key, expiries_key, id, 'expired', retention)
+    finish(res_key, expiries_key, id, 'expired', expires_at, items_json, retention)
     state = 'expired'
   end
-  return {'existing', state, expires_at, stored[2]}
+  return {'existing', state, expires_at, stored_items}
 end
 
 local n = #KEYS - 2
@@ -62,7 +61,7 @@ for i = 1, n do
   redis.call('HINCRBY', KEYS[2 + i], 'available', -qty)
   redis.call('HINCRBY', KEYS[2 + i], 'held', qty)
 end
-local expires_at = now + tonumber(ARGV[2])
-redis.call('HSET', res_key, 'state', 'held', 'items', items_json, 'expires_at', expires_at)
+expires_at = now + tonumber(ARGV[2])
+redis.call('SET', res_key, encode_record('held', expires_at, items_json))
 redis.call('ZADD', expiries_key, expires_at, id)
-return {'created', 'held', expires_at}
+return expires_at

@@ -2,7 +2,7 @@
 -- expiring it instead once its deadline has passed; `expire` (the reaper) returns its
 -- stock only if the deadline has passed. A final reservation is reported unchanged.
 -- The client reads the reservation's items first and declares their stock keys.
--- KEYS[1] reservation hash, KEYS[2] expiries zset, KEYS[2+i] stock hash of item i
+-- KEYS[1] reservation record, KEYS[2] expiries zset, KEYS[2+i] stock hash of item i
 -- ARGV[1] reservation id, ARGV[2] action (confirm|release|expire), ARGV[3] retention ms,
 -- ARGV[4] stock key prefix, ARGV[5] the items JSON the client read (KEYS[3..] are theirs)
 -- Returns {state, expires_at, items, changed} (changed = 1 if this call ended the hold),
@@ -12,20 +12,18 @@ local res_key, expiries_key = KEYS[1], KEYS[2]
 local id, action, stock_prefix, items_json = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
 local retention = tonumber(ARGV[3])
 
-local stored = redis.call('HMGET', res_key, 'state', 'items', 'expires_at')
-local state = stored[1]
+local state, expires_at, stored_items = decode_record(redis.call('GET', res_key))
 if not state then
   -- Nothing to settle; a deadline left in the index for it is dropped.
   redis.call('ZREM', expiries_key, id)
   return {'not_found'}
 end
-local expires_at = tonumber(stored[3])
 local changed = 0
 if state == 'held' then
   -- Reservations never change their items, but the id may have been forgotten (after
   -- its retention) and reused since the client's read: then the declared keys are not
   -- this record's.
-  if stored[2] ~= items_json or not keys_match(3, #KEYS - 2, stock_prefix, items_json) then
+  if stored_items ~= items_json or not keys_match(3, #KEYS - 2, stock_prefix, items_json) then
     return {'items_changed'}
   end
   local due = now_ms() >= expires_at
@@ -38,14 +36,14 @@ if state == 'held' then
     to, field = 'released', 'available'
   end
   if to then
-    local corrupt = move_items(3, stored[2], field)
+    local corrupt = move_items(3, stored_items, field)
     if corrupt then
       return corrupt
     end
-    finish(res_key, expiries_key, id, to, retention)
+    finish(res_key, expiries_key, id, to, expires_at, stored_items, retention)
     state, changed = to, 1
   end
 elseif action == 'expire' then
   redis.call('ZREM', expiries_key, id)
 end
-return {state, expires_at, stored[2], changed}
+return {state, expires_at, stored_items, changed}

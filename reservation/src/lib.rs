@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <prefix>{<namespace>}:stock:<sku>  hash  available, held, sold
-//! <prefix>{<namespace>}:res:<id>     hash  state, items, expires_at
+//! <prefix>{<namespace>}:res:<id>     string  <state>:<expires_at>:<items JSON>
 //! <prefix>{<namespace>}:expiries     zset  id by deadline (unix ms)
 //! ```
 //!
@@ -26,12 +26,14 @@
 //!
 //! # Coalescing
 //!
-//! With [`coalesce(true)`](RedisReservationsBuilder::coalesce) (off by default: it pays
-//! only at high concurrency, see the README's figures) concurrent reserve / confirm /
-//! release / expire calls of one store (namespace) are coalesced: while one batch is in flight the next calls queue, and go
-//! to Redis together as one script invocation that applies each call in order with its
-//! own semantics and its own result (see [`RedisReservationsBuilder::coalesce`]). A lone
-//! call is sent at once; batches are bounded by
+//! By default ([`coalesce`](RedisReservationsBuilder::coalesce), on unless turned off)
+//! concurrent reserve / confirm / release / expire calls of one store (namespace) are
+//! coalesced: while one batch is in flight the next calls queue, and go to Redis together
+//! as one script invocation that applies each call in order with its own semantics and
+//! its own result (see [`RedisReservationsBuilder::coalesce`]). The batch reads every
+//! record it needs with one `MGET` and writes them with one `MSET` (records are strings
+//! for that reason), the expiry index with one `ZADD`, each stock hash once. A lone call
+//! is sent at once, as the single-call script; batches are bounded by
 //! [`max_batch`](RedisReservationsBuilder::max_batch) calls and 4,096 keys, which bounds
 //! the script's run time. A batch that fails as a whole (connection loss, `BUSY`) gives
 //! each of its callers a retryable error, retried by each caller with the same id.

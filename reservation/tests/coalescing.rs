@@ -76,6 +76,56 @@ async fn serial_batch_size_limit_splits_the_queue() {
     );
 }
 
+/// A lone call on a coalescing store goes to Redis as the single-call script (no batch
+/// overhead: `GET` of its record, no `MGET`); concurrent calls still go as batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_lone_call_is_sent_as_the_single_call_script() {
+    init_tracing();
+    let server = RedisServer::start().await;
+    let store = RedisReservations::builder(server.url().as_str())
+        .coalesce(true)
+        .namespace("lone")
+        .connect()
+        .await
+        .unwrap();
+    store.set_stock("hot", 1000).await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin(&server).await)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let held = store
+            .reserve(&format!("lone-{i}"), &[("hot", 1)], HOUR)
+            .await;
+        assert_eq!(held.unwrap().state, ReservationState::Held);
+    }
+    assert_eq!(
+        calls(&server, "get").await,
+        3,
+        "one record read per lone call"
+    );
+    assert_eq!(
+        calls(&server, "mget").await,
+        0,
+        "a lone call went as a batch"
+    );
+    let results = futures::future::join_all((0..100).map(|i| {
+        let store = store.clone();
+        async move { store.reserve(&format!("r{i}"), &[("hot", 1)], HOUR).await }
+    }))
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    assert!(
+        calls(&server, "mget").await > 0,
+        "100 calls at once were not batched"
+    );
+    assert_eq!(
+        store.stock("hot").await.unwrap(),
+        StockLevel::new(897, 103, 0)
+    );
+}
+
 /// While another script keeps Redis busy (`BUSY` replies), every caller of a batch gets a
 /// retryable error (nothing held); with retries on, calls made meanwhile complete once the
 /// script is killed.

@@ -20,7 +20,10 @@ mod redis {
     use eventful_test_support::TestRedis;
 
     async fn store(coalesce: bool) -> RedisReservations {
-        let redis = TestRedis::connect().await;
+        store_on(&TestRedis::connect().await, coalesce).await
+    }
+
+    async fn store_on(redis: &TestRedis, coalesce: bool) -> RedisReservations {
         RedisReservations::builder(redis.url.as_str())
             .key_prefix(redis.prefix.clone())
             .namespace("contract")
@@ -50,5 +53,124 @@ mod redis {
             .expect("connect to Redis");
         eventful_reservation::contract::final_records_expire_after_retention(&store, retention)
             .await;
+    }
+
+    /// The batch script and the single-call scripts share one record per reservation (a
+    /// string, read and written in bulk by a batch): a reservation made by either path is
+    /// the same reservation for the other — idempotent reserve, conflict on other items,
+    /// settle once — and a final record keeps its retention.
+    #[tokio::test]
+    async fn batch_and_single_calls_share_each_reservation() {
+        use eventful_reservation::{Error, ReservationState, ReservationStore, StockLevel};
+        use std::time::Duration;
+        let redis = TestRedis::connect().await;
+        let single = store_on(&redis, false).await;
+        let batched = store_on(&redis, true).await;
+        let ttl = Duration::from_secs(600);
+        single.set_stock("a", 10).await.unwrap();
+
+        let first = single.reserve("r1", &[("a", 2)], ttl).await.unwrap();
+        // Concurrent calls on the coalescing store: sent together when they queue.
+        let (again, second, conflict) = tokio::join!(
+            batched.reserve("r1", &[("a", 2)], ttl),
+            batched.reserve("r2", &[("a", 3)], ttl),
+            batched.reserve("r1", &[("a", 3)], ttl),
+        );
+        assert_eq!(again.unwrap(), first, "a batch sees the single call's hold");
+        let second = second.unwrap();
+        assert!(
+            matches!(conflict, Err(Error::IdConflict { .. })),
+            "{conflict:?}"
+        );
+        assert_eq!(
+            single.reserve("r2", &[("a", 3)], ttl).await.unwrap(),
+            second,
+            "a single call sees the batch's hold"
+        );
+        assert_eq!(single.stock("a").await.unwrap(), StockLevel::new(5, 5, 0));
+
+        let (confirmed, released) = tokio::join!(batched.confirm("r1"), batched.release("r2"));
+        assert_eq!(confirmed.unwrap().state, ReservationState::Confirmed);
+        assert_eq!(released.unwrap().state, ReservationState::Released);
+        assert_eq!(
+            single.confirm("r1").await.unwrap().state,
+            ReservationState::Confirmed
+        );
+        assert!(matches!(
+            single.confirm("r2").await,
+            Err(Error::AlreadyReleased { .. })
+        ));
+        assert_eq!(
+            single.reserve("r2", &[("a", 3)], ttl).await.unwrap().state,
+            ReservationState::Released
+        );
+        assert_eq!(single.stock("a").await.unwrap(), StockLevel::new(8, 0, 2));
+
+        let mut conn = redis
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for id in ["r1", "r2"] {
+            let ttl_ms: i64 = redis::cmd("PTTL")
+                .arg(single.reservation_key(id))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(
+                (1..=600_000).contains(&ttl_ms),
+                "{id}: a final record is kept for its retention, PTTL {ttl_ms}"
+            );
+        }
+        let index: u64 = redis::cmd("ZCARD")
+            .arg(single.expiries_key())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(index, 0, "settled holds leave the expiry index");
+    }
+
+    /// A key of another type where a reservation record belongs (e.g. a hash written by an
+    /// older version, or foreign data under the prefix) fails that call only, on either
+    /// path, and is never overwritten; calls batched with it are unaffected.
+    #[tokio::test]
+    async fn foreign_data_at_a_reservation_key_fails_only_that_call() {
+        use eventful_reservation::{ReservationState, ReservationStore, StockLevel};
+        use std::time::Duration;
+        let redis = TestRedis::connect().await;
+        let single = store_on(&redis, false).await;
+        let batched = store_on(&redis, true).await;
+        let ttl = Duration::from_secs(600);
+        single.set_stock("a", 10).await.unwrap();
+        let mut conn = redis
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(single.reservation_key("old"))
+            .arg(&["state", "held", "items", r#"["a","1"]"#, "expires_at", "1"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+
+        for (path, store) in [("single", &single), ("batched", &batched)] {
+            let new_id = format!("new-{path}");
+            let (old, new) = tokio::join!(
+                store.reserve("old", &[("a", 1)], ttl),
+                store.reserve(&new_id, &[("a", 1)], ttl),
+            );
+            let error = old.expect_err(path);
+            assert!(!error.is_retryable(), "{path}: {error:?}");
+            assert_eq!(new.unwrap().state, ReservationState::Held, "{path}");
+            assert!(store.confirm("old").await.is_err(), "{path}");
+        }
+        let kind: String = redis::cmd("TYPE")
+            .arg(single.reservation_key("old"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kind, "hash", "the foreign key was overwritten");
+        assert_eq!(single.stock("a").await.unwrap(), StockLevel::new(8, 2, 0));
     }
 }

@@ -4,7 +4,8 @@
 //! One task per store drains a queue: it takes the first request, then whatever else is
 //! already queued (up to the batch limits), and sends that batch. While a batch is in
 //! flight the next one accumulates, so batches grow with the load by themselves and a
-//! lone call is sent at once: nothing ever waits on a timer. A request waits at most for
+//! lone call is sent at once, as the same single-call script a store without coalescing
+//! sends: nothing ever waits on a timer, and a batch of one costs the server no more. A request waits at most for
 //! the batches in flight ahead of it, each bounded by [`max batch`](Coalescer::spawn)
 //! entries and [`MAX_BATCH_KEYS`] keys, which also bounds the script's run time on the
 //! server.
@@ -17,10 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use redis::{Script, Value};
+use redis::{Script, ScriptInvocation, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use super::scripts::Scripts;
 use super::RedisConnection;
 use crate::Error;
 
@@ -47,6 +49,44 @@ pub(crate) struct Entry {
     pub(crate) qtys: Vec<u64>,
 }
 
+impl Entry {
+    /// This call as its own `reserve.lua` / `settle.lua` invocation: what a store sends
+    /// with coalescing off, and for a batch of one (the batch script would only add its
+    /// per-batch work to a lone call).
+    pub(crate) fn single<'s>(
+        &self,
+        reserve: &'s Script,
+        settle: &'s Script,
+        expiries_key: &str,
+        retention_ms: u64,
+        stock_prefix: &str,
+    ) -> Result<ScriptInvocation<'s>, Error> {
+        let (reservation_key, stock_keys) = self
+            .keys
+            .split_first()
+            .ok_or_else(|| Error::Protocol("a call without keys".to_owned()))?;
+        let reserving = self.op == "reserve";
+        let mut inv = if reserving { reserve } else { settle }.key(reservation_key);
+        inv.key(expiries_key);
+        for key in stock_keys {
+            inv.key(key);
+        }
+        inv.arg(&self.id);
+        if reserving {
+            inv.arg(self.ttl_ms);
+        } else {
+            inv.arg(self.op);
+        }
+        inv.arg(retention_ms)
+            .arg(stock_prefix)
+            .arg(&self.items_json);
+        for qty in &self.qtys {
+            inv.arg(*qty);
+        }
+        Ok(inv)
+    }
+}
+
 struct Request {
     entry: Arc<Entry>,
     reply: oneshot::Sender<Result<Value, Error>>,
@@ -56,6 +96,8 @@ struct Request {
 pub(crate) struct Context {
     pub(crate) conns: Arc<[RedisConnection]>,
     pub(crate) script: Script,
+    pub(crate) reserve: Script,
+    pub(crate) settle: Script,
     pub(crate) expiries_key: String,
     pub(crate) stock_prefix: String,
     pub(crate) retention_ms: u64,
@@ -66,7 +108,7 @@ pub(crate) struct Context {
 impl Context {
     pub(crate) fn new(
         conns: Arc<[RedisConnection]>,
-        script: Script,
+        scripts: &Scripts,
         expiries_key: String,
         stock_prefix: String,
         retention_ms: u64,
@@ -75,7 +117,9 @@ impl Context {
         Self {
             instruments,
             conns,
-            script,
+            script: scripts.batch.clone(),
+            reserve: scripts.reserve.clone(),
+            settle: scripts.settle.clone(),
             expiries_key,
             stock_prefix,
             retention_ms,
@@ -163,7 +207,31 @@ async fn run(
 }
 
 /// Sends one batch and hands every caller its own reply.
-async fn send(context: Arc<Context>, batch: Vec<Request>) {
+async fn send(context: Arc<Context>, mut batch: Vec<Request>) {
+    if batch.len() == 1 {
+        if let Some(request) = batch.pop() {
+            let result = match request.entry.single(
+                &context.reserve,
+                &context.settle,
+                &context.expiries_key,
+                context.retention_ms,
+                &context.stock_prefix,
+            ) {
+                Ok(inv) => {
+                    let mut conn = context.connection();
+                    let invoked = inv.invoke_async::<Value>(&mut conn);
+                    context
+                        .instruments
+                        .timed(request.entry.op, invoked)
+                        .await
+                        .map_err(Error::from)
+                }
+                Err(e) => Err(e),
+            };
+            let _ = request.reply.send(result);
+        }
+        return;
+    }
     let mut inv = context.script.key(&context.expiries_key);
     for request in &batch {
         for key in &request.entry.keys {

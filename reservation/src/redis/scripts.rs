@@ -73,6 +73,9 @@ mod tests {
     ];
     /// Names the scripts give to keys; each must be bound from `KEYS` only.
     const KEY_NAMES: [&str; 4] = ["key", "res_key", "expiries_key", "m[1]"];
+    /// Tables of keys batch.lua passes to bulk commands (`MGET`, `EXISTS`, `MSET`): filled
+    /// only with names from [`KEY_NAMES`] (and, for `MSET`, their values).
+    const KEY_TABLES: [&str; 2] = ["res_keys", "held"];
 
     /// A static check next to the cluster test (tests/cluster_migration.rs): the key of
     /// every `redis.call` is `KEYS[..]` or a name bound from `KEYS`, and no script builds
@@ -87,8 +90,13 @@ mod tests {
                     let args: Vec<&str> = call.split(", ").map(str::trim).collect();
                     if args[0] != "'TIME')" {
                         let key = args.get(1).copied().unwrap_or_default();
+                        // A key given last: `redis.call(..., key))`.
+                        let key = key.trim_end_matches(')');
+                        let table = key
+                            .strip_prefix("unpack(")
+                            .is_some_and(|t| KEY_TABLES.contains(&t));
                         assert!(
-                            key.starts_with("KEYS[") || KEY_NAMES.contains(&key),
+                            key.starts_with("KEYS[") || KEY_NAMES.contains(&key) || table,
                             "undeclared key argument {key:?} at {at}"
                         );
                     }
@@ -100,6 +108,14 @@ mod tests {
                                 assert!(value.starts_with("KEYS["), "{name} not from KEYS at {at}");
                             }
                         }
+                    }
+                }
+                for table in KEY_TABLES {
+                    if let Some(value) = code
+                        .strip_prefix(&format!("{table}[#{table} + 1] = "))
+                        .filter(|v| !v.starts_with("records["))
+                    {
+                        assert!(KEY_NAMES.contains(&value), "{table} fed {value:?} at {at}");
                     }
                 }
                 if code.contains(" .. ") {
