@@ -120,7 +120,7 @@ impl RedisReservations {
     /// Defaults: key prefix [`DEFAULT_KEY_PREFIX`], namespace [`DEFAULT_NAMESPACE`],
     /// retention [`DEFAULT_RETENTION`], response timeout [`DEFAULT_RESPONSE_TIMEOUT`],
     /// connection timeout [`DEFAULT_CONNECTION_TIMEOUT`], [`DEFAULT_MAX_ATTEMPTS`]
-    /// attempts with backoff from 20 ms to 1 s, `TCP_NODELAY` on, request coalescing on
+    /// attempts with backoff from 20 ms to 1 s, `TCP_NODELAY` on, request coalescing off
     /// ([`coalesce`](RedisReservationsBuilder::coalesce)).
     pub fn builder(url: impl IntoConnectionInfo) -> RedisReservationsBuilder {
         RedisReservationsBuilder::new(Target::Info(url.into_connection_info()))
@@ -335,7 +335,7 @@ impl RedisReservationsBuilder {
             connections: 1,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_secs(1)),
-            coalesce: true,
+            coalesce: false,
             max_batch: DEFAULT_MAX_BATCH,
             batches_in_flight: DEFAULT_BATCHES_IN_FLIGHT,
         }
@@ -399,7 +399,9 @@ impl RedisReservationsBuilder {
     }
 
     /// Coalesce concurrent reserve / confirm / release / expire calls of this store into
-    /// one script invocation per batch (default on). Each call keeps its own semantics
+    /// one script invocation per batch (default off: on a quiet machine it wins from about
+    /// 64 calls in flight on one namespace, 1.4× one script per call, and loses at 16, 0.77×;
+    /// see the crate README). Each call keeps its own semantics
     /// and its own result; a lone call is sent at once (no timer) as the single-call
     /// script, concurrent calls queue behind the batch in flight and go together in the
     /// next one. Off, every call is its own script invocation. See the crate README for
