@@ -23,6 +23,10 @@ use crate::rotation::{Rotation, RotationPolicy};
 use crate::{Error, Outbox, OutboxRecord, Publisher};
 use lease::Leases;
 
+/// Session settings for the fetch's transaction (see `Relay::fetch`).
+const FETCH_PLANNER_SETTINGS: &str = "SELECT set_config('enable_sort', 'off', true), \
+     set_config('enable_bitmapscan', 'off', true), set_config('jit', 'off', true)";
+
 /// Builder for [`Relay`]; see each method for its default.
 pub struct RelayBuilder {
     pool: PgPool,
@@ -460,12 +464,23 @@ impl Relay {
         // Only partitions whose lease has at least ttl/4 left: one renewal interval, so a
         // heartbeat that is late by up to half the TTL does not stall publishing.
         let margin_ms = self.config.lease_ttl.as_secs_f64() * 1000.0 / 4.0;
+        // The planner must walk the slots' pending indexes in seq order and stop at the limit.
+        // Slots are truncated often, so their statistics are often missing or stale, and the
+        // parent is never analyzed by autovacuum: left alone, it sorts every pending row
+        // instead (measured: 26–38 ms instead of 1.2 ms for 1,000 of 15,000 pending rows).
+        // Without sorts or bitmap scans, the only plan is the ordered one; JIT is off because
+        // the disabled paths' costs would otherwise trigger it (another 150 ms per fetch).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(FETCH_PLANNER_SETTINGS)
+            .execute(&mut *tx)
+            .await?;
         let rows: Vec<RecordRow> = sqlx::query_as(&sql.fetch)
             .bind(self.id)
             .bind(margin_ms)
             .bind(self.config.batch_size as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         rows.into_iter().map(OutboxRecord::try_from).collect()
     }
 
