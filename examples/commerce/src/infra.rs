@@ -1,4 +1,5 @@
-//! Start-up chores shared by the services: their database, the topic, tracing.
+//! Start-up chores shared by the services: their database and the topic (logging and
+//! tracing are [`telemetry`](crate::telemetry)'s).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -75,16 +76,4 @@ pub async fn ensure_topic(settings: &Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Logs as text to stderr; `RUST_LOG` picks the level (default `info`).
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
 }
