@@ -125,12 +125,7 @@ impl Readiness {
     }
 
     async fn postgres(&self) -> Result<(), String> {
-        let select = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
-        match tokio::time::timeout(CHECK_TIMEOUT, select).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
-        }
+        within_timeout(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool)).await
     }
 
     async fn kafka(&self) -> Result<(), String> {
@@ -162,11 +157,18 @@ impl Readiness {
                 .await?;
             redis::cmd("PING").query_async::<String>(&mut conn).await
         };
-        Some(match tokio::time::timeout(CHECK_TIMEOUT, ping).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
-        })
+        Some(within_timeout(ping).await)
+    }
+}
+
+/// `check`'s outcome within [`CHECK_TIMEOUT`]: `Ok`, or the error or the timeout as text.
+async fn within_timeout<T, E: std::fmt::Display>(
+    check: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
     }
 }
 
