@@ -58,6 +58,18 @@ struct State {
     last_value: i64,
 }
 
+impl State {
+    /// At least `min_events` events were recorded since the current slot became current.
+    fn is_due(&self, min_events: i64) -> bool {
+        self.last_value.saturating_sub(self.since_seq) >= min_events
+    }
+
+    /// The slot a rotation empties (the one that is not current), as an index.
+    fn other(&self) -> usize {
+        usize::from(self.current == 0)
+    }
+}
+
 impl Outbox {
     /// Rotates the slots if at least `min_events` events were recorded since the last
     /// rotation and the other slot has at most `max_carry` unpublished rows (see the
@@ -75,12 +87,11 @@ impl Outbox {
         let min_events = i64::try_from(min_events).unwrap_or(i64::MAX);
         // A cheap look first, so the common "not yet" takes no lock.
         let state: State = sqlx::query_as(&sql.rotation_state).fetch_one(pool).await?;
-        if state.last_value.saturating_sub(state.since_seq) < min_events {
+        if !state.is_due(min_events) {
             return Ok(Rotation::NotDue);
         }
-        let other = usize::from(state.current == 0);
         let cap = i64::try_from(max_carry).unwrap_or(i64::MAX - 1);
-        let unpublished: i64 = sqlx::query_scalar(&sql.unpublished_in_slot[other])
+        let unpublished: i64 = sqlx::query_scalar(&sql.unpublished_in_slot[state.other()])
             .bind(cap.saturating_add(1))
             .fetch_one(pool)
             .await?;
@@ -102,11 +113,11 @@ impl Outbox {
             Err(e) if is_lock_unavailable(&e) => return Ok(Rotation::Busy),
             Err(e) => return Err(e.into()),
         };
-        if state.last_value.saturating_sub(state.since_seq) < min_events {
+        if !state.is_due(min_events) {
             // Someone else rotated between the look and the lock.
             return Ok(Rotation::NotDue);
         }
-        let other = usize::from(state.current == 0);
+        let other = state.other();
         if let Err(e) = sqlx::query(&sql.lock_slot[other]).execute(&mut *tx).await {
             if is_lock_unavailable(&e) {
                 return Ok(Rotation::Busy);
@@ -137,9 +148,11 @@ fn is_lock_unavailable(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03"))
 }
 
-/// How a relay rotates: every `check` it calls [`Outbox::rotate`] with these bounds.
+/// How a relay rotates: when `enabled`, every `check` it calls [`Outbox::rotate`] with these
+/// bounds.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RotationPolicy {
+    pub(crate) enabled: bool,
     pub(crate) min_events: u64,
     pub(crate) max_carry: u64,
     pub(crate) check: Duration,
@@ -148,6 +161,7 @@ pub(crate) struct RotationPolicy {
 impl Default for RotationPolicy {
     fn default() -> Self {
         RotationPolicy {
+            enabled: true,
             min_events: 10_000,
             max_carry: 1_000,
             check: Duration::from_millis(250),

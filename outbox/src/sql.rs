@@ -60,6 +60,12 @@ impl Sql {
         let slot_state = format!("\"{schema}\".\"{table}_slot\"");
         let seq = format!("\"{schema}\".\"{table}_seq_seq\"");
         let slot = |n: i32| format!("\"{schema}\".\"{table}_slot{n}\"");
+        // The sequence is read in a subquery so that `lock_slot_state` can lock the slot row
+        // (`FOR UPDATE` refuses a sequence in the FROM list).
+        let rotation_state = format!(
+            "SELECT s.current, s.since_seq, (SELECT last_value FROM {seq}) AS last_value \
+             FROM {slot_state} s"
+        );
         let columns =
             "seq, id, topic, key, partition, event_type, payload, content_type, headers, \
                        created_at, published_at, attempts, last_error, next_attempt_at, parked_at";
@@ -78,9 +84,11 @@ impl Sql {
             lock_keys_and_notify: "SELECT pg_notify($2, '') FROM \
                  (SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k) AS locked"
                 .to_owned(),
-            // Into the current slot. A writer whose snapshot predates a rotation may still
-            // write to the slot that stopped being current: that is safe, the slot is only
-            // emptied once every writer that holds a lock on it has committed (see `rotate`).
+            // Into the current slot, read once per statement (the column's default,
+            // `<table>_current_slot()`, is for other writers: a function call per row). A
+            // writer whose snapshot predates a rotation may still write to the slot that
+            // stopped being current: that is safe, the slot is only emptied once every writer
+            // that holds a lock on it has committed (see `rotate`).
             insert: format!(
                 "INSERT INTO {t} (id, topic, key, partition, event_type, payload, content_type, headers, slot) \
                  SELECT u.id, u.topic, u.key, u.partition, u.event_type, u.payload, u.content_type, \
@@ -193,13 +201,8 @@ impl Sql {
                    AS u(seq, err, delay_ms, park) \
                  WHERE o.seq = u.seq AND o.published_at IS NULL"
             ),
-            rotation_state: format!(
-                "SELECT s.current, s.since_seq, q.last_value FROM {slot_state} s, {seq} q"
-            ),
-            lock_slot_state: format!(
-                "SELECT s.current, s.since_seq, (SELECT last_value FROM {seq}) AS last_value \
-                 FROM {slot_state} s FOR UPDATE NOWAIT"
-            ),
+            lock_slot_state: format!("{rotation_state} FOR UPDATE NOWAIT"),
+            rotation_state,
             unpublished_in_slot: [0, 1].map(|n| {
                 format!(
                     "SELECT count(*) FROM (SELECT 1 FROM {} WHERE published_at IS NULL LIMIT $1) AS u",

@@ -44,7 +44,7 @@ struct Config {
     backoff: Backoff,
     error_backoff: Duration,
     listen: bool,
-    rotation: Option<RotationPolicy>,
+    rotation: RotationPolicy,
 }
 
 impl Default for Config {
@@ -57,7 +57,7 @@ impl Default for Config {
             backoff: Backoff::default(),
             error_backoff: Duration::from_secs(1),
             listen: true,
-            rotation: Some(RotationPolicy::default()),
+            rotation: RotationPolicy::default(),
         }
     }
 }
@@ -120,10 +120,7 @@ impl RelayBuilder {
     /// and a published event stays visible to [`Outbox::status`] until then. Lower it for a
     /// smaller table under a held horizon; raise it to keep published events for longer.
     pub fn rotate_after(mut self, events: u64) -> Self {
-        self.config
-            .rotation
-            .get_or_insert_with(RotationPolicy::default)
-            .min_events = events.max(1);
+        self.config.rotation.min_events = events.max(1);
         self
     }
 
@@ -131,10 +128,7 @@ impl RelayBuilder {
     /// (default 1,000): they would be copied, and a relay that far behind gains nothing from
     /// rotating. Parked events count too: re-drive or inspect them when there are many.
     pub fn max_carry(mut self, rows: u64) -> Self {
-        self.config
-            .rotation
-            .get_or_insert_with(RotationPolicy::default)
-            .max_carry = rows;
+        self.config.rotation.max_carry = rows;
         self
     }
 
@@ -142,7 +136,7 @@ impl RelayBuilder {
     /// stay until something else rotates ([`Outbox::rotate`]) or deletes them
     /// ([`Retention`](crate::Retention)).
     pub fn rotation(mut self, enabled: bool) -> Self {
-        self.config.rotation = enabled.then(|| self.config.rotation.unwrap_or_default());
+        self.config.rotation.enabled = enabled;
         self
     }
 
@@ -409,9 +403,10 @@ impl Relay {
 
     /// Rotates the slots when due (any relay may; they serialize on the slot row).
     async fn rotation_loop(&self) {
-        let Some(policy) = self.config.rotation else {
+        let policy = self.config.rotation;
+        if !policy.enabled {
             return std::future::pending().await;
-        };
+        }
         // A rotation that keeps being put off lets the table grow again: say so, once a
         // minute, at warn level.
         let mut put_off_since: Option<std::time::Instant> = None;
