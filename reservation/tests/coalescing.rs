@@ -126,6 +126,58 @@ async fn serial_lone_call_is_sent_as_the_single_call_script() {
     );
 }
 
+/// 32 callers in a closed loop (each sends its next call as soon as its previous one is
+/// answered), on one runtime worker: once answered together, they call again together, so
+/// every batch after the first carries all 32 calls. Without stepping back for the
+/// answered callers, the batch task woke on the first of them and sent it alone, then the
+/// other 31 a round trip later: twice the scripts, half of them batches of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn serial_closed_loop_callers_go_as_full_batches() {
+    init_tracing();
+    let server = RedisServer::start().await;
+    let store = RedisReservations::builder(server.url().as_str())
+        .coalesce(true)
+        .namespace("closed")
+        .connect()
+        .await
+        .unwrap();
+    store.set_stock("hot", 100_000).await.unwrap();
+    const CALLERS: u64 = 32;
+    const ROUNDS: u64 = 100;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin(&server).await)
+        .await
+        .unwrap();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|c| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for r in 0..ROUNDS {
+                    let held = store
+                        .reserve(&format!("c{c}-{r}"), &[("hot", 1)], HOUR)
+                        .await;
+                    assert_eq!(held.unwrap().state, ReservationState::Held);
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let scripts = calls(&server, "evalsha").await;
+    let lone = calls(&server, "get").await;
+    assert!(
+        scripts <= ROUNDS + ROUNDS / 10 && lone <= ROUNDS / 10,
+        "{CALLERS} closed-loop callers x {ROUNDS} calls took {scripts} scripts, {lone} of them lone calls (expected about {ROUNDS} full batches)"
+    );
+    let calls_made = CALLERS * ROUNDS;
+    assert_eq!(
+        store.stock("hot").await.unwrap(),
+        StockLevel::new(100_000 - calls_made, calls_made, 0)
+    );
+}
+
 /// While another script keeps Redis busy (`BUSY` replies), every caller of a batch gets a
 /// retryable error (nothing held); with retries on, calls made meanwhile complete once the
 /// script is killed.
