@@ -77,9 +77,8 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-    use tracing_subscriber::layer::SubscriberExt as _;
+    use eventful_test_support::otel::{InMemorySpanExporter, SdkTracerProvider, SpanCapture};
+    use opentelemetry::trace::{SpanId, TraceId};
 
     use super::*;
 
@@ -87,13 +86,9 @@ mod tests {
     const PARENT: &str = "b7ad6b7169203331";
 
     fn capture() -> (InMemorySpanExporter, SdkTracerProvider, tracing::Dispatch) {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        (exporter, provider, tracing::Dispatch::new(subscriber))
+        let capture = SpanCapture::new();
+        let dispatch = tracing::Dispatch::new(capture.subscriber());
+        (capture.exporter, capture.provider, dispatch)
     }
 
     /// The consumer side: a span parented on a traceparent joins that trace under that span,

@@ -9,12 +9,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventful_idempotency::{ConsumerOptions, EventHandler, EventMeta, HandlerError, InboxConsumer};
 use eventful_outbox::{KafkaPublisher, NewEvent, Outbox, Relay};
+use eventful_test_support::otel::SpanCapture;
 use eventful_test_support::{kafka, wait_until, TestDatabase};
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use opentelemetry::trace::{SpanId, TraceId};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
-use tracing_subscriber::layer::SubscriberExt as _;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER: &str = "00f067aa0ba902b7";
@@ -42,14 +41,8 @@ impl EventHandler for Seen {
 // subscriber.
 #[tokio::test]
 async fn the_handler_span_continues_the_trace_that_recorded_the_event() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let _default = tracing::subscriber::set_default(
-        tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test"))),
-    );
+    let capture = SpanCapture::new();
+    let _default = tracing::subscriber::set_default(capture.subscriber());
 
     let db = TestDatabase::create_with_pool_size(8).await;
     let outbox = Outbox::builder()
@@ -114,8 +107,8 @@ async fn the_handler_span_continues_the_trace_that_recorded_the_event() {
     let recorder_id = header.split('-').nth(2).unwrap();
     assert!(header.starts_with(&format!("00-{TRACE}-")), "{header}");
 
-    provider.force_flush().unwrap();
-    let spans = exporter.get_finished_spans().unwrap();
+    capture.provider.force_flush().unwrap();
+    let spans = capture.exporter.get_finished_spans().unwrap();
     let span = |name: &str| {
         spans
             .iter()

@@ -5,12 +5,11 @@
 use std::time::Duration;
 
 use eventful_outbox::{KafkaPublisher, NewEvent, Outbox, Relay};
+use eventful_test_support::otel::SpanCapture;
 use eventful_test_support::{kafka, TestDatabase};
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use opentelemetry::trace::{SpanId, TraceId};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
-use tracing_subscriber::layer::SubscriberExt as _;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER: &str = "00f067aa0ba902b7";
@@ -18,14 +17,8 @@ const CALLER: &str = "00f067aa0ba902b7";
 // A current-thread runtime: the relay task runs on this thread, under the test's subscriber.
 #[tokio::test]
 async fn an_event_recorded_in_a_span_carries_its_trace_to_kafka() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let _default = tracing::subscriber::set_default(
-        tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test"))),
-    );
+    let capture = SpanCapture::new();
+    let _default = tracing::subscriber::set_default(capture.subscriber());
 
     let db = TestDatabase::create().await;
     let outbox = Outbox::builder()
@@ -91,8 +84,8 @@ async fn an_event_recorded_in_a_span_carries_its_trace_to_kafka() {
     assert!(!own.contains(TRACE), "{own}");
 
     // The header names the span that recorded the event, a child of the caller's span.
-    provider.force_flush().unwrap();
-    let spans = exporter.get_finished_spans().unwrap();
+    capture.provider.force_flush().unwrap();
+    let spans = capture.exporter.get_finished_spans().unwrap();
     let recorder = spans
         .iter()
         .find(|s| s.span_context.span_id() == SpanId::from_hex(parts[2]).unwrap())

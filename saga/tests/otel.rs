@@ -5,11 +5,9 @@
 use eventful_idempotency::{EventHandler, EventMeta, HandlerError};
 use eventful_outbox::{NewEvent, Outbox};
 use eventful_saga::{participant, Emitter, Participant};
+use eventful_test_support::otel::SpanCapture;
 use eventful_test_support::TestDatabase;
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use tracing::Instrument as _;
-use tracing_subscriber::layer::SubscriberExt as _;
 use uuid::Uuid;
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -39,14 +37,8 @@ impl Participant for Forward {
 
 #[tokio::test]
 async fn an_emitted_event_is_a_child_of_the_handler_span() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let _default = tracing::subscriber::set_default(
-        tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test"))),
-    );
+    let capture = SpanCapture::new();
+    let _default = tracing::subscriber::set_default(capture.subscriber());
     let db = TestDatabase::create().await;
     let outbox = Outbox::new();
     outbox.migrate(&db.pool).await.unwrap();
@@ -103,8 +95,8 @@ async fn an_emitted_event_is_a_child_of_the_handler_span() {
         next, &upstream,
         "the handler's own span, not the upstream one"
     );
-    provider.force_flush().unwrap();
-    let spans = exporter.get_finished_spans().unwrap();
+    capture.provider.force_flush().unwrap();
+    let spans = capture.exporter.get_finished_spans().unwrap();
     let emitter = spans
         .iter()
         .find(|s| next.contains(&s.span_context.span_id().to_string()))

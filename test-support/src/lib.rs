@@ -17,6 +17,8 @@
 pub mod kafka;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "opentelemetry")]
+pub mod otel;
 mod postgres;
 mod process;
 mod redis_support;

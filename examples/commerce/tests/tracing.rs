@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use commerce::config::Settings;
+use eventful_test_support::otel::{SpanCapture, SpanData};
 use eventful_test_support::{kafka, spare_port, wait_until, TestDatabase, TestRedis};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::Value;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -137,10 +137,7 @@ impl Trace {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serial_one_order_is_one_trace_from_post_orders_to_shipping() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
+    let SpanCapture { exporter, provider } = SpanCapture::new();
     tracing::subscriber::set_global_default(commerce::telemetry::subscriber(Some(&provider)))
         .unwrap();
 

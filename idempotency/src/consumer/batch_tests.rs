@@ -478,9 +478,8 @@ async fn max_batch_bounds_a_transaction() {
 /// on the batch path and on the one-event path alike.
 #[cfg(feature = "opentelemetry")]
 mod trace_context {
-    use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-    use tracing_subscriber::layer::SubscriberExt as _;
+    use eventful_test_support::otel::SpanCapture;
+    use opentelemetry::trace::{SpanId, TraceId};
 
     use super::*;
 
@@ -513,14 +512,9 @@ mod trace_context {
     }
 
     async fn check(max_batch: usize) {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let capture = SpanCapture::new();
         // A current-thread runtime: the worker runs on this thread, under this subscriber.
-        let _default = tracing::subscriber::set_default(subscriber);
+        let _default = tracing::subscriber::set_default(capture.subscriber());
 
         let db = database().await;
         let handler = Traced::default();
@@ -544,10 +538,10 @@ mod trace_context {
             }
         }
         run(settings, &Arc::default(), messages).await;
-        provider.force_flush().unwrap();
+        capture.provider.force_flush().unwrap();
 
         let seen = handler.0.lock().unwrap().clone();
-        let spans = exporter.get_finished_spans().unwrap();
+        let spans = capture.exporter.get_finished_spans().unwrap();
         let handler_spans: Vec<_> = spans.iter().filter(|s| s.name == "inbox.message").collect();
         assert_eq!(handler_spans.len(), 6, "{spans:#?}");
         for n in 0..6 {
