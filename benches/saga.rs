@@ -22,10 +22,11 @@
 //! back and applies it again. Until 2026-11 this bench committed every reply alone, which the
 //! product never does when replies queue up.
 //!
-//! In-process participants: a dispatcher claims the command rows the coordinator recorded in
-//! the outbox table as the relay does (`UPDATE .. SET published_at` over a `FOR UPDATE SKIP
-//! LOCKED` page, so rows committing out of `seq` order are not missed) and hands a success
-//! reply for each to the workers.
+//! In-process participants: a dispatcher reads the command rows the coordinator recorded in
+//! the outbox table (by `seq` above a floor that moves only past rows every transaction
+//! that could still commit below it has ended, by snapshot xmin/xmax, so rows committing
+//! out of `seq` order are not missed; read-only, so the harness costs the database little)
+//! and hands a success reply for each to the workers.
 //! No broker: this measures the coordinator and its storage, not Kafka.
 //!
 //! Reading the result: `sagas/s` is completed sagas over wall time from the first start to
@@ -33,6 +34,7 @@
 //! same pool and concurrency (the starts alone are one transaction per saga). Machine load
 //! matters: check `uptime` alongside.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,11 +124,15 @@ async fn run_round(
     n: usize,
 ) -> anyhow::Result<(Duration, f64)> {
     let completed_before = completed(pool).await?;
+    let first_seq: i64 = sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM eventful_outbox")
+        .fetch_one(pool)
+        .await?;
     let done = Arc::new(AtomicBool::new(false));
     let begin = Instant::now();
     let participants = tokio::spawn(participants(
         pool.clone(),
         coordinator.clone(),
+        first_seq,
         done.clone(),
     ));
     let next = Arc::new(AtomicUsize::new(0));
@@ -150,10 +156,16 @@ async fn run_round(
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while completed(pool).await? < completed_before + n as i64 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "sagas did not complete within 60 s"
-        );
+        if Instant::now() >= deadline {
+            let stuck: Vec<(String, i32, i64, i64)> = sqlx::query_as(
+                "SELECT i.status, i.current_step, i.version, \
+                        (SELECT max(seq) FROM eventful_outbox o WHERE o.key = i.id::text) \
+                 FROM eventful_saga_instances i WHERE status <> 'completed' LIMIT 5",
+            )
+            .fetch_all(pool)
+            .await?;
+            anyhow::bail!("sagas did not complete within 60 s (first_seq {first_seq}): {stuck:?}");
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let elapsed = begin.elapsed();
@@ -170,13 +182,21 @@ async fn completed(pool: &PgPool) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// `(seq, id, headers)` of a command row in the outbox table.
-type CommandRow = (i64, uuid::Uuid, Json<Vec<(String, String)>>);
+/// `(snapshot xmin, snapshot xmax, seq, id, headers)`: a poll's snapshot and a command row
+/// of the outbox table (none when nothing is above the floor).
+type PollRow = (
+    i64,
+    i64,
+    Option<i64>,
+    Option<uuid::Uuid>,
+    Option<Json<Vec<(String, String)>>>,
+);
 
 /// The in-process participants: read new command rows, answer each with success.
 async fn participants(
     pool: PgPool,
     coordinator: Coordinator,
+    first_seq: i64,
     done: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let (tx, rx) = async_channel(WORKERS * 64);
@@ -205,28 +225,74 @@ async fn participants(
         }));
     }
     drop(rx);
-    // Claims committed, unclaimed command rows the way the relay marks them published
-    // (SKIP LOCKED, `published_at`): rows that commit out of `seq` order are picked up
-    // whenever they commit, and none is handed out twice.
+    // Rows commit out of `seq` order. Each poll reads the rows above `floor` (seen ones are
+    // skipped) and notes its snapshot's xmax with the highest seq read. Once a later
+    // snapshot's xmin has passed that xmax, every transaction that could still insert a seq
+    // at or below it has ended (later ones draw higher seqs), so that poll saw them all and
+    // `floor` moves up (every transaction here writes a row before it draws an outbox seq,
+    // so it holds an xid by then). Read-only on the primary key: the harness costs the database little.
+    let mut seen = HashSet::new();
+    let mut floor = first_seq;
+    let mut last_sweep = Instant::now();
+    let mut swept = 0usize;
+    let mut pending: VecDeque<(i64, i64)> = VecDeque::new();
+    const PAGE: usize = 5000;
     while !done.load(Ordering::Relaxed) {
-        let rows: Vec<CommandRow> = sqlx::query_as(
-            "UPDATE eventful_outbox SET published_at = now() WHERE seq IN ( \
-                 SELECT seq FROM eventful_outbox WHERE published_at IS NULL \
-                 ORDER BY seq LIMIT 2000 FOR UPDATE SKIP LOCKED) \
-             RETURNING seq, id, headers",
+        let rows: Vec<PollRow> = sqlx::query_as(
+            "SELECT s.xmin, s.xmax, r.seq, r.id, r.headers FROM ( \
+                 SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, \
+                        pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax) s \
+             LEFT JOIN LATERAL (SELECT seq, id, headers FROM eventful_outbox WHERE seq > $1 \
+                                ORDER BY seq LIMIT $2) r ON true",
         )
+        // A safety sweep from the round's first row every 250 ms: counts (and answers) any
+        // row the floor skipped.
+        .bind(if last_sweep.elapsed() > Duration::from_millis(250) {
+            last_sweep = Instant::now();
+            first_seq
+        } else {
+            floor
+        })
+        .bind(PAGE as i64)
         .fetch_all(&pool)
         .await?;
-        let fresh = rows.len();
-        for (_, _, Json(headers)) in rows {
+        let (xmin, xmax) = rows.first().map_or((0, 0), |r| (r.0, r.1));
+        let mut fresh = 0;
+        let mut last = floor;
+        for (_, _, seq, _, headers) in &rows {
+            let (Some(seq), Some(Json(headers))) = (seq, headers) else {
+                continue;
+            };
+            last = *seq;
+            if !seen.insert(*seq) {
+                continue;
+            }
+            if *seq <= floor {
+                swept += 1;
+            }
+            fresh += 1;
             let ctx = CommandContext::from_headers(
                 headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             )?;
             tx.send(ctx).await?;
         }
+        let full = rows.len() >= PAGE;
+        let mut settled = floor;
+        while let Some(&(px, pseq)) = pending.front() {
+            if px > xmin {
+                break;
+            }
+            settled = settled.max(pseq);
+            pending.pop_front();
+        }
+        floor = floor.max(if full { settled.min(last) } else { settled });
+        pending.push_back((xmax, last));
         if fresh == 0 {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+    if swept > 0 {
+        eprintln!("saga bench: {swept} command rows found only by the sweep");
     }
     drop(tx);
     for w in workers {
