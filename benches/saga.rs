@@ -24,7 +24,7 @@
 //!
 //! In-process participants: a dispatcher reads the command rows the coordinator recorded in
 //! the outbox table (by `seq` above a floor that moves only past rows every transaction
-//! that could still commit below it has ended, by snapshot xmin/xmax, so rows committing
+//! that could still commit below it has ended (by xid and snapshot xmin), so rows committing
 //! out of `seq` order are not missed; read-only, so the harness costs the database little)
 //! and hands a success reply for each to the workers.
 //! No broker: this measures the coordinator and its storage, not Kafka.
@@ -182,7 +182,7 @@ async fn completed(pool: &PgPool) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// `(snapshot xmin, snapshot xmax, seq, id, headers)`: a poll's snapshot and a command row
+/// `(snapshot xmin, the poll's own xid, seq, id, headers)`: a poll's snapshot and a command row
 /// of the outbox table (none when nothing is above the floor).
 type PollRow = (
     i64,
@@ -226,35 +226,40 @@ async fn participants(
     }
     drop(rx);
     // Rows commit out of `seq` order. Each poll reads the rows above `floor` (seen ones are
-    // skipped) and notes its snapshot's xmax with the highest seq read. Once a later
-    // snapshot's xmin has passed that xmax, every transaction that could still insert a seq
-    // at or below it has ended (later ones draw higher seqs), so that poll saw them all and
-    // `floor` moves up (every transaction here writes a row before it draws an outbox seq,
-    // so it holds an xid by then). Read-only on the primary key: the harness costs the database little.
+    // skipped) and takes a fresh xid (`pg_current_xact_id()`, after its snapshot): every
+    // transaction that drew a seq up to the highest one read held an older xid (all of them
+    // write a row before they draw an outbox seq). Once a later poll's snapshot xmin has
+    // passed that xid, those transactions have all ended, that poll saw their rows, and
+    // `floor` moves up. Small read-only polls on the primary key (on a connection with
+    // synchronous_commit off: the xid's commit need not wait for a WAL flush). A sweep from
+    // the round's first row every 2 s checks it and prints what it finds.
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut *conn)
+        .await?;
     let mut seen = HashSet::new();
     let mut floor = first_seq;
     let mut last_sweep = Instant::now();
     let mut swept = 0usize;
     let mut pending: VecDeque<(i64, i64)> = VecDeque::new();
-    const PAGE: usize = 5000;
+    // A round writes 4 command rows per saga: the sweep reads all of them in one page.
+    const PAGE: usize = 4 * SAGAS + 1000;
     while !done.load(Ordering::Relaxed) {
         let rows: Vec<PollRow> = sqlx::query_as(
             "SELECT s.xmin, s.xmax, r.seq, r.id, r.headers FROM ( \
                  SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, \
-                        pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax) s \
+                        pg_current_xact_id()::text::bigint AS xmax) s \
              LEFT JOIN LATERAL (SELECT seq, id, headers FROM eventful_outbox WHERE seq > $1 \
                                 ORDER BY seq LIMIT $2) r ON true",
         )
-        // A safety sweep from the round's first row every 250 ms: counts (and answers) any
-        // row the floor skipped.
-        .bind(if last_sweep.elapsed() > Duration::from_millis(250) {
+        .bind(if last_sweep.elapsed() > Duration::from_secs(2) {
             last_sweep = Instant::now();
             first_seq
         } else {
             floor
         })
         .bind(PAGE as i64)
-        .fetch_all(&pool)
+        .fetch_all(&mut *conn)
         .await?;
         let (xmin, xmax) = rows.first().map_or((0, 0), |r| (r.0, r.1));
         let mut fresh = 0;
