@@ -691,3 +691,105 @@ async fn a_due_saga_that_cannot_be_processed_is_postponed_without_blocking_other
     assert_eq!(h.coordinator.expire_due().await.unwrap(), 0);
     assert_eq!(command_log(&h.db.pool, broken).await, expected_log(0, &[]));
 }
+
+/// The consumer runtime applies a partition's waiting replies in one transaction, calling
+/// the reply handler for each on the same connection: each reply is applied once, a copy of
+/// a reply in the same transaction is a duplicate, a stranger is ignored, and a batch rolled
+/// back (a later handler failed) leaves no trace, so re-applying it applies each reply once.
+#[tokio::test]
+async fn replies_of_several_sagas_in_one_transaction_apply_once_each() {
+    let h = Harness::new(LONG).await;
+    let mut sagas = Vec::new();
+    for _ in 0..3 {
+        sagas.push(h.start(&Order::new()).await);
+    }
+    let mut replies = Vec::new();
+    for &saga in &sagas {
+        replies.push(
+            commands(&h.db.pool, saga)
+                .await
+                .pop()
+                .unwrap()
+                .ctx
+                .success(),
+        );
+    }
+    let stranger = SagaReply::new(
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        0,
+        StepKind::Action,
+        Outcome::Success,
+    );
+    let outbox_before = outbox_count(&h.db.pool).await;
+    let batch = [
+        &replies[0],
+        &replies[1],
+        &replies[0],
+        &stranger,
+        &replies[2],
+    ];
+
+    // First attempt: the batch is rolled back (as when a later event's handler fails).
+    let mut tx = h.db.pool.begin().await.unwrap();
+    apply_in_one_transaction(&h, &mut tx, &batch).await;
+    tx.rollback().await.unwrap();
+    for &saga in &sagas {
+        let inst = h.coordinator.inspect(saga).await.unwrap();
+        assert_eq!((inst.version, inst.history.len()), (0, 1), "{saga}");
+    }
+    assert_eq!(outbox_count(&h.db.pool).await, outbox_before);
+
+    // Re-applied in a new transaction: each applies once.
+    let mut tx = h.db.pool.begin().await.unwrap();
+    let outcomes = apply_in_one_transaction(&h, &mut tx, &batch).await;
+    tx.commit().await.unwrap();
+    let step1 = ReplyOutcome::Applied {
+        status: SagaStatus::Running,
+        step: 1,
+    };
+    assert_eq!(
+        outcomes,
+        [
+            step1,
+            step1,
+            ReplyOutcome::Ignored(IgnoreReason::Duplicate),
+            ReplyOutcome::Ignored(IgnoreReason::UnknownSaga),
+            step1
+        ]
+    );
+    for &saga in &sagas {
+        let inst = h.coordinator.inspect(saga).await.unwrap();
+        assert_eq!(
+            (
+                inst.status,
+                inst.current_step,
+                inst.version,
+                inst.history.len()
+            ),
+            (SagaStatus::Running, 1, 1, 2),
+            "{saga}"
+        );
+        assert_eq!(command_log(&h.db.pool, saga).await, expected_log(1, &[]));
+    }
+    assert_eq!(outbox_count(&h.db.pool).await, outbox_before + 3);
+    // The committed batch's replies are duplicates on redelivery.
+    for reply in &replies {
+        assert_eq!(
+            h.reply(reply).await,
+            ReplyOutcome::Ignored(IgnoreReason::Duplicate)
+        );
+    }
+}
+
+async fn apply_in_one_transaction(
+    h: &Harness,
+    tx: &mut sqlx::PgConnection,
+    replies: &[&SagaReply],
+) -> Vec<ReplyOutcome> {
+    let mut outcomes = Vec::new();
+    for reply in replies {
+        outcomes.push(h.coordinator.handle_reply(&mut *tx, reply).await.unwrap());
+    }
+    outcomes
+}
