@@ -363,6 +363,67 @@ async fn same_key_transactions_serialize_other_keys_do_not() {
     assert_eq!(seqs[1].1, second_id, "the later commit has the larger seq");
 }
 
+/// Waits until exactly `n` advisory-lock requests of this database are waiting.
+async fn wait_for_key_lock_waiters(db: &TestDatabase, n: i64) {
+    wait_until(
+        "a transaction waits on the key lock",
+        Duration::from_secs(10),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            waiting == n
+        },
+    )
+    .await;
+}
+
+/// The key lock is taken before the row takes its seq: a transaction that waits on the lock
+/// gets a seq after every event the lock holder records meanwhile, so seq order stays commit
+/// order for the key. (`same_key_transactions_serialize_other_keys_do_not` also passes when the
+/// seq is taken before the lock; this one does not.)
+#[tokio::test]
+async fn a_waiting_transaction_takes_its_seq_after_the_lock_holder_commits() {
+    let (db, outbox) = common::setup().await;
+    let mut first = db.pool.begin().await.unwrap();
+    outbox
+        .record(&mut *first, NewEvent::bytes("t", "hot", "A", vec![1]))
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    let outbox2 = outbox.clone();
+    let second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        let id = outbox2
+            .record(&mut *tx, NewEvent::bytes("t", "hot", "B", vec![2]))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        id
+    });
+    wait_for_key_lock_waiters(&db, 1).await;
+    // Recorded by the holder after the other transaction started waiting: had the waiter
+    // taken its seq before the lock, this event's seq would be larger than the waiter's.
+    outbox
+        .record(&mut *first, NewEvent::bytes("t", "hot", "A", vec![3]))
+        .await
+        .unwrap();
+    first.commit().await.unwrap();
+    let second_id = second.await.unwrap();
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, event_type FROM eventful_outbox WHERE key = 'hot' ORDER BY seq")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let types: Vec<&str> = rows.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(types, ["A", "A", "B"], "seq order is commit order per key");
+    assert_eq!(rows[2].0, second_id);
+}
+
 /// `record` refuses a key longer than `MAX_KEY_LEN` bytes with an error naming the limit,
 /// and writes nothing (not even the other events of the same call); a key of exactly the
 /// limit is fine.

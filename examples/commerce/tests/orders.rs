@@ -421,3 +421,74 @@ async fn the_scheduler_expires_an_order_redis_expired_while_postgres_lags() {
     assert_eq!(h.status(id).await, "ORDER_EXPIRED");
     assert_eq!(h.stock().await, (10, 0, 0));
 }
+
+/// A transition and its history row are one statement: the row is written exactly when the
+/// versioned update wins. A stale version changes nothing and writes no history; a new order
+/// gets its `created` row, and inserting an existing id writes none.
+#[tokio::test]
+async fn a_stale_version_transition_changes_nothing_and_writes_no_history() {
+    use commerce::order::domain::OrderStatus;
+    use commerce::order::store;
+
+    let h = Harness::start(10, Duration::from_secs(600)).await;
+    let placed = h
+        .service
+        .place_orders(&OrderIds::Fresh, &[new_order(1)])
+        .await
+        .unwrap();
+    let order = placed[0].clone();
+    let pool = h.pool().clone();
+    let history = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            store::history(&mut conn, id)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.version, t.from_status, t.to_status, t.reason))
+                .collect::<Vec<_>>()
+        }
+    };
+    let created = (1, None, "ORDER_RESERVED".to_owned(), "created".to_owned());
+    assert_eq!(history(order.id).await, std::slice::from_ref(&created));
+
+    let mut conn = h.pool().acquire().await.unwrap();
+    // The same id again: no order, no second `created` row.
+    let again = store::insert(
+        &mut conn,
+        order.id,
+        order.user_id,
+        order.total_amount,
+        &order.items,
+        order.expires_at,
+    )
+    .await
+    .unwrap();
+    assert!(again.is_none());
+    let paid = store::transition(&mut conn, &order, OrderStatus::Paid, "payment approved")
+        .await
+        .unwrap()
+        .expect("the current version wins");
+    assert_eq!((paid.status, paid.version), (OrderStatus::Paid, 2));
+    // `order` is version 1 now: the update matches no row, so no history row either.
+    let stale = store::transition(&mut conn, &order, OrderStatus::OrderCanceled, "late")
+        .await
+        .unwrap();
+    assert!(stale.is_none(), "a stale version must lose");
+    let now = store::find(&mut conn, order.id).await.unwrap().unwrap();
+    assert_eq!((now.status, now.version), (OrderStatus::Paid, 2));
+    drop(conn);
+    assert_eq!(
+        history(order.id).await,
+        [
+            created,
+            (
+                2,
+                Some("ORDER_RESERVED".to_owned()),
+                "PAID".to_owned(),
+                "payment approved".to_owned()
+            )
+        ]
+    );
+}
