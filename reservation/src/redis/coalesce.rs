@@ -3,9 +3,11 @@
 //!
 //! One task per store drains a queue: it takes the first request, then whatever else is
 //! already queued (up to the batch limits), and sends that batch. While a batch is in
-//! flight the next one accumulates, so batches grow with the load by themselves and a
-//! lone call is sent at once, as the same single-call script a store without coalescing
-//! sends: nothing ever waits on a timer, and a batch of one costs the server no more. A request waits at most for
+//! flight the next one accumulates, so batches grow with the load by themselves. Before
+//! sending, the task yields to the callers that are ready to run (those a batch just
+//! answered), so a closed loop of callers goes as one full batch. A lone call is sent after
+//! one yield, as the same single-call script a store without coalescing sends: nothing
+//! ever waits on a timer, and a batch of one costs the server no more. A request waits at most for
 //! the batches in flight ahead of it, each bounded by [`max batch`](Coalescer::spawn)
 //! entries and [`MAX_BATCH_KEYS`] keys, which also bounds the script's run time on the
 //! server.
