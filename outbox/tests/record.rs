@@ -336,21 +336,7 @@ async fn same_key_transactions_serialize_other_keys_do_not() {
         id
     });
     // The second transaction is blocked on the advisory lock until `first` commits.
-    wait_until(
-        "the second transaction waits on the key lock",
-        Duration::from_secs(10),
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            waiting == 1
-        },
-    )
-    .await;
+    wait_for_key_lock_waiters(&db, 1).await;
     assert!(!second.is_finished());
     first.commit().await.unwrap();
     let second_id = second.await.unwrap();
