@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventful_idempotency::{EventHandler as _, EventMeta};
+use eventful_idempotency::{EventHandler as _, EventMeta, ProcessedEvents};
 use eventful_outbox::Outbox;
 use eventful_saga::{
     Command, CommandContext, Coordinator, ReplyHandler, SagaDefinition, Step, REPLY_EVENT_TYPE,
@@ -204,6 +204,7 @@ async fn participants(
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
         let (pool, handler, rx) = (pool.clone(), coordinator.reply_handler(), rx.clone());
+        let guard = ProcessedEvents::new(REPLY_CONSUMER);
         workers.push(tokio::spawn(async move {
             while let Some(batch) = rx.recv_batch(limit).await {
                 let replies = batch
@@ -211,7 +212,7 @@ async fn participants(
                     .map(reply_event)
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 loop {
-                    match apply_batch(&pool, &handler, &replies).await {
+                    match apply_batch(&pool, &guard, &handler, &replies).await {
                         Ok(true) => break,
                         Ok(false) => continue,
                         Err(e) => {
@@ -324,26 +325,19 @@ fn reply_event(ctx: &CommandContext) -> anyhow::Result<(EventMeta, JsonValue)> {
     Ok((meta, serde_json::to_value(&reply)?))
 }
 
-/// One inbox batch: the reply consumer's guard for every event id (the statement the inbox
-/// runs), the reply handler for each first delivery on the same transaction, one commit.
-/// `false`: a retryable failure rolled the batch back; apply it again.
+/// One inbox batch: the reply consumer's guard for every event id (the inbox's own
+/// `check_and_record_many`), the reply handler for each first delivery on the same
+/// transaction, one commit. `false`: a retryable failure rolled the batch back; apply it
+/// again.
 async fn apply_batch(
     pool: &PgPool,
+    guard: &ProcessedEvents,
     handler: &ReplyHandler,
     replies: &[(EventMeta, JsonValue)],
 ) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
-    let mut ids: Vec<uuid::Uuid> = replies.iter().map(|(m, _)| m.id).collect();
-    ids.sort_unstable();
-    let first: Vec<uuid::Uuid> = sqlx::query_scalar(
-        "INSERT INTO eventful_processed_events (consumer, event_id) \
-         SELECT $1, id FROM unnest($2::uuid[]) AS batch(id) ORDER BY id \
-         ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id",
-    )
-    .bind(REPLY_CONSUMER)
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let ids: Vec<uuid::Uuid> = replies.iter().map(|(m, _)| m.id).collect();
+    let first = guard.check_and_record_many(&mut tx, &ids).await?;
     for (meta, payload) in replies {
         if !first.contains(&meta.id) {
             continue;

@@ -80,6 +80,20 @@ impl ProcessedEvents {
         pg::check_and_record(conn, &self.consumer, event_id).await
     }
 
+    /// Records every id of `event_ids` in one statement, in the caller's transaction, and
+    /// returns those this call recorded: the first deliveries (as
+    /// [`check_and_record`](Self::check_and_record) answers `First`). `event_ids` must not
+    /// repeat. Rows are inserted in id order, so two overlapping batches wait for each other
+    /// instead of deadlocking. The consumer runtime's batches use it.
+    #[tracing::instrument(level = "debug", skip_all, fields(consumer = %self.consumer, events = event_ids.len()))]
+    pub async fn check_and_record_many(
+        &self,
+        conn: &mut PgConnection,
+        event_ids: &[Uuid],
+    ) -> Result<Vec<Uuid>, Error> {
+        pg::check_and_record_many(conn, &self.consumer, event_ids).await
+    }
+
     /// Stores a small result with the record of `event_id` (in the caller's transaction), so
     /// a duplicate can answer with what the first delivery produced. Call it after
     /// [`check_and_record`](Self::check_and_record) returned `First`.

@@ -121,6 +121,54 @@ async fn duplicate_reads_the_stored_result() {
 }
 
 /// `Retention` purges old records in the background and stops on cancel.
+/// The batch form answers per id as the single form would: ids recorded before (committed)
+/// are duplicates, ids of a rolled-back batch are first again, and the guard of one
+/// consumer leaves another's records alone.
+#[tokio::test]
+async fn check_and_record_many_returns_only_the_first_deliveries() {
+    let db = TestDatabase::create().await;
+    let guard = ProcessedEvents::new("billing");
+    guard.migrate(&db.pool).await.unwrap();
+    let (a, b, c, d) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let mut first = guard.check_and_record_many(&mut tx, &[b, a]).await.unwrap();
+    first.sort_unstable();
+    assert_eq!(first, vec![a, b]);
+    tx.commit().await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let first = guard
+        .check_and_record_many(&mut tx, &[a, d, b])
+        .await
+        .unwrap();
+    assert_eq!(first, vec![d]);
+    tx.rollback().await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let mut first = guard
+        .check_and_record_many(&mut tx, &[c, d, a])
+        .await
+        .unwrap();
+    first.sort_unstable();
+    assert_eq!(first, vec![c, d], "d's batch rolled back: d is first again");
+    assert_eq!(
+        guard.check_and_record(&mut tx, c).await.unwrap(),
+        Processed::Duplicate
+    );
+    let other = ProcessedEvents::new("shipping");
+    assert_eq!(
+        other.check_and_record_many(&mut tx, &[a]).await.unwrap(),
+        vec![a]
+    );
+    tx.commit().await.unwrap();
+}
+
 #[tokio::test]
 async fn retention_task_purges_and_stops() {
     let db = TestDatabase::create().await;

@@ -25,7 +25,6 @@ use uuid::Uuid;
 
 use super::partition::RawMessage;
 use super::{ErasedHandler, Outcome, Settings, UnknownEventType};
-use crate::store::postgres as pg;
 use crate::EventMeta;
 
 /// A message read for a batch: its envelope and handler, or why it must go alone.
@@ -103,14 +102,13 @@ pub(crate) async fn apply(settings: &Settings, items: &[&Prepared]) -> BatchResu
         Ok(tx) => tx,
         Err(e) => return BatchResult::Failed(format!("begin: {e}")),
     };
-    let mut first: HashSet<Uuid> =
-        match pg::check_and_record_many(&mut tx, settings.guard.consumer(), &ids).await {
-            Ok(first) => first.into_iter().collect(),
-            Err(e) => {
-                let _ = tx.rollback().await;
-                return BatchResult::Failed(format!("guard: {e}"));
-            }
-        };
+    let mut first: HashSet<Uuid> = match settings.guard.check_and_record_many(&mut tx, &ids).await {
+        Ok(first) => first.into_iter().collect(),
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return BatchResult::Failed(format!("guard: {e}"));
+        }
+    };
     let mut outcomes = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
         let (meta, handler) = match item {

@@ -33,8 +33,7 @@ pub(crate) async fn check_and_record(
 /// Records every id of `event_ids` in one statement and returns those this call recorded
 /// (the first deliveries); ids already recorded are left alone. `event_ids` must not repeat.
 /// Rows are inserted in id order, so two overlapping batches lock them in the same order
-/// and wait for each other instead of deadlocking. Used by the consumer runtime's batches.
-#[cfg(feature = "kafka")]
+/// and wait for each other instead of deadlocking.
 pub(crate) async fn check_and_record_many(
     conn: &mut PgConnection,
     consumer: &str,
