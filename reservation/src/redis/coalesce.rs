@@ -198,25 +198,24 @@ async fn run(
             // nothing: a lone call costs one yield, and a burst goes as one batch
             // instead of a small one plus the rest a round trip later.
             let mut yields = 0;
+            // Batch size at the last yield (0 before the first, so the first always comes).
             let mut before_yield = 0;
-            'fill: while batch.len() < max_batch {
+            while batch.len() < max_batch {
                 match rx.try_recv() {
                     Ok(request) if keys + request.entry.keys.len() > MAX_BATCH_KEYS => {
                         carry = Some(request);
-                        break 'fill;
+                        break;
                     }
                     Ok(request) => {
                         keys += request.entry.keys.len();
                         batch.push(request);
                     }
-                    Err(_)
-                        if yields < MAX_YIELDS && (yields == 0 || batch.len() > before_yield) =>
-                    {
+                    Err(_) if yields < MAX_YIELDS && batch.len() > before_yield => {
                         yields += 1;
                         before_yield = batch.len();
                         tokio::task::yield_now().await;
                     }
-                    Err(_) => break 'fill,
+                    Err(_) => break,
                 }
             }
             in_flight.push(send(context.clone(), batch));
