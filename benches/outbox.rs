@@ -343,19 +343,11 @@ async fn run() -> anyhow::Result<()> {
     kafka::require_broker(&brokers).await;
     let n = env_usize("OUTBOX_BENCH_EVENTS", 20_000);
     // Steady rates, comma-separated (default 300 and 5000 events/s).
-    let rates: Vec<usize> = std::env::var("OUTBOX_BENCH_RATES")
-        .unwrap_or_else(|_| "300,5000".to_owned())
-        .split(',')
-        .filter_map(|r| r.trim().parse().ok())
-        .collect();
+    let rates = env_list("OUTBOX_BENCH_RATES", "300,5000");
     let seconds = env_usize("OUTBOX_BENCH_SECONDS", 8) as u64;
     let started = Instant::now();
 
-    let fleets: Vec<usize> = std::env::var("OUTBOX_BENCH_RELAYS")
-        .unwrap_or_else(|_| "1,3".to_owned())
-        .split(',')
-        .filter_map(|r| r.trim().parse().ok())
-        .collect();
+    let fleets = env_list("OUTBOX_BENCH_RELAYS", "1,3");
     let drain = std::env::var("OUTBOX_BENCH_DRAIN").map_or(true, |v| v != "0");
 
     let mut rows = Vec::new();
@@ -427,6 +419,15 @@ async fn run() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A comma-separated list of numbers from the environment (`default` if unset).
+fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect()
 }
 
 /// Events per writer transaction at `rate` events/s: `OUTBOX_BENCH_EVENTS_PER_TX` if set,
