@@ -422,9 +422,9 @@ async fn the_scheduler_expires_an_order_redis_expired_while_postgres_lags() {
     assert_eq!(h.stock().await, (10, 0, 0));
 }
 
-/// A transition and its history row are one statement: the row is written exactly when the
-/// versioned update wins. A stale version changes nothing and writes no history; a new order
-/// gets its `created` row, and inserting an existing id writes none.
+/// A transition's history row is written exactly when the versioned update wins: a stale
+/// version changes nothing and writes no history; a new order gets its `created` row, and
+/// inserting an existing id writes none.
 #[tokio::test]
 async fn a_stale_version_transition_changes_nothing_and_writes_no_history() {
     use commerce::order::domain::OrderStatus;
