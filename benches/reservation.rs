@@ -330,6 +330,7 @@ struct RawRedisRs {
     conn: redis::aio::MultiplexedConnection,
     script: Arc<redis::Script>,
     expiries_key: String,
+    holds_key: String,
     stock_key: String,
     stock_prefix: String,
     reservation_prefix: String,
@@ -356,6 +357,7 @@ impl RawRedisRs {
                 eventful_reservation::redis::reserve_script_source(),
             )),
             expiries_key: store.expiries_key().to_owned(),
+            holds_key: store.holds_key().to_owned(),
             stock_prefix: stock_key.strip_suffix(HOT).expect("prefix").to_owned(),
             stock_key,
             reservation_prefix: store.reservation_key(""),
@@ -368,6 +370,7 @@ impl RawRedisRs {
             .script
             .key(format!("{}{id}", self.reservation_prefix))
             .key(&self.expiries_key)
+            .key(&self.holds_key)
             .key(&self.stock_key)
             .arg(&id)
             .arg(TTL.as_millis() as u64)
@@ -431,9 +434,10 @@ fn redis_benchmark(
         .args([
             "EVALSHA",
             &sha,
-            "3",
+            "4",
             &res_key,
             store.expiries_key(),
+            store.holds_key(),
             &stock_key,
         ])
         .args([

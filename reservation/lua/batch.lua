@@ -2,32 +2,79 @@
 -- applied in order, each with exactly the semantics of reserve.lua / settle.lua and its
 -- own reply. Coalescing sends one of these instead of one script per call.
 --
--- KEYS[1] expiries zset; then per entry: its reservation record, then the stock hash of
--- each of its items (in the canonical item order).
--- ARGV[1] retention ms, ARGV[2] stock key prefix, ARGV[3] number of entries; then per
--- entry: op (reserve|confirm|release|expire), reservation id, number of items n, ttl ms
--- (0 for a settlement), items JSON (canonical; for a settlement the items the client
--- read), then for a reserve the n quantities.
--- Returns one reply per entry, in order: a reserve's reply as reserve.lua, a settlement's
--- as settle.lua, or {'error', message} if that entry cannot be applied (foreign data
--- under the key prefix): the other entries are not affected.
+-- Calls of a batch mostly repeat the same operation, ttl and items (a hot SKU), so the
+-- batch sends each distinct (op, ttl, items) once, as a "shape", and each call as its
+-- shape number and reservation id: a call costs the server one key and two arguments to
+-- parse instead of a dozen.
+--
+-- KEYS[1] expiries zset, KEYS[2] holds counter, KEYS[3 .. 2 + s] the distinct stock hashes
+-- of the batch, then one reservation record per call (in call order).
+-- ARGV[1] retention ms, ARGV[2] stock key prefix, ARGV[3] s, ARGV[4] number of shapes,
+-- ARGV[5] number of calls; then per shape: op (reserve|confirm|release|expire), ttl ms (0
+-- for a settlement), items JSON (canonical; for a settlement the items the client read),
+-- number of items n, then per item the position of its stock hash among the s (1-based)
+-- and its quantity (0 for a settlement); then per call: its shape number, reservation id.
+-- Returns one reply per call, in order: a reserve's reply as reserve.lua, a settlement's
+-- as settle.lua, or {'error', message} if that call cannot be applied (foreign data
+-- under the key prefix): the other calls are not affected.
 --
 -- Every key is read at most once per batch and written at most once, at its end: the
 -- records with one MGET and one MSET (final ones with SET .. PX, for their retention),
 -- the expiry index with one ZADD and one ZREM, each stock hash with one HMGET and one
--- HSET. In between every entry sees what the entries before it left, exactly as separate
--- scripts would; an entry changes the cached state only once it is sure to apply, so an
--- entry that fails changes nothing. Lua has no rollback, so the writes come last, the
--- expiry index first: the only one that can fail (a foreign key) then fails the batch
--- before anything is written.
-local expiries_key = KEYS[1]
+-- HSET. The holds a batch creates with one deadline are indexed as one member (a group,
+-- see common.lua): one zset insert per batch instead of one per hold. In between every
+-- call sees what the calls before it left, exactly as separate scripts would; a call
+-- changes the cached state only once it is sure to apply, so a call that fails changes
+-- nothing. Lua has no rollback, so the writes come last, the expiry index and the holds
+-- counter first: the only ones that can fail (foreign keys) then fail the batch before
+-- anything else is written.
+local expiries_key, holds_key = KEYS[1], KEYS[2]
 local retention = tonumber(ARGV[1])
 local stock_prefix = ARGV[2]
-local entries = tonumber(ARGV[3])
+local stock_count, shape_count, entries = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
 
 -- Lua's unpack is limited to a few thousand values: bulk commands go in slices.
 local SLICE = 1024
+
+-- ---- shapes ----------------------------------------------------------------------------
+
+-- Each: op, ttl, items_json, n, key_at (the KEYS positions of its stock hashes), qtys.
+local shapes = {}
+local a = 6
+for s = 1, shape_count do
+  local n = tonumber(ARGV[a + 3])
+  local shape = {op = ARGV[a], ttl = tonumber(ARGV[a + 1]), items_json = ARGV[a + 2], n = n, key_at = {}, qtys = {}}
+  for i = 1, n do
+    local at = tonumber(ARGV[a + 2 + 2 * i])
+    if not at or at < 1 or at > stock_count then
+      return redis.error_reply('batch: a stock key position out of range')
+    end
+    shape.key_at[i] = 2 + at
+    shape.qtys[i] = tonumber(ARGV[a + 3 + 2 * i])
+  end
+  shapes[s] = shape
+  a = a + 4 + 2 * n
+end
+local first_call_arg, first_record_key = a, 3 + stock_count
+
+-- Whether a shape's declared stock keys are exactly its items' (checked once per shape).
+local function shape_keys_match(shape)
+  if shape.keys_match == nil then
+    local ok, items = pcall(cjson.decode, shape.items_json)
+    local match = ok and type(items) == 'table' and shape.n == #items / 2
+    if match then
+      for i = 1, #items, 2 do
+        if KEYS[shape.key_at[(i + 1) / 2]] ~= stock_prefix .. items[i] then
+          match = false
+          break
+        end
+      end
+    end
+    shape.keys_match = match
+  end
+  return shape.keys_match
+end
 
 -- ---- reservation records -------------------------------------------------------------
 
@@ -39,18 +86,11 @@ local record_keys, record_dirty, record_final = {}, {}, {}
 
 do
   local res_keys, seen = {}, {}
-  local k, a = 2, 4
-  for _ = 1, entries do
-    local key = KEYS[k]
+  for e = 1, entries do
+    local key = KEYS[first_record_key + e - 1]
     if not seen[key] then
       seen[key] = true
       res_keys[#res_keys + 1] = key
-    end
-    local n = tonumber(ARGV[a + 2])
-    k = k + 1 + n
-    a = a + 5
-    if ARGV[a - 5] == 'reserve' then
-      a = a + n
     end
   end
   local found = 0
@@ -136,13 +176,16 @@ local function level_at(key)
   return level
 end
 
--- Plans moving a reservation's items (KEYS[first], ...) from held to field `to`, as
--- move_items does, without writing: returns the moves, or nil and a 'corrupt' reply.
-local function plan_moves(first, items_json, to)
-  local items = cjson.decode(items_json)
+-- Plans moving a shape's items from held to field `to`, as move_items does, without
+-- writing: returns the moves, or nil and a 'corrupt' reply.
+local function plan_moves(shape, to)
+  if not shape.items then
+    shape.items = cjson.decode(shape.items_json)
+  end
+  local items = shape.items
   local moves = {}
   for i = 1, #items, 2 do
-    local key = KEYS[first + (i - 1) / 2]
+    local key = KEYS[shape.key_at[(i + 1) / 2]]
     local qty = tonumber(items[i + 1])
     local level = level_at(key)
     if level == 'corrupt' then
@@ -182,23 +225,26 @@ local function apply_moves(moves, to)
   end
 end
 
+-- Holds created minus holds ended by the batch (one INCRBY at the end).
+local holds_change = 0
+
 -- A reservation's final state: off the expiry index, kept for the retention period.
 local function finish_entry(res_key, id, state, expires_at, items_json)
   write_record(res_key, encode_record(state, expires_at, items_json), true)
   change_index(id, false)
+  holds_change = holds_change - 1
 end
 
 local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of value'
 
--- ---- entries ---------------------------------------------------------------------------
+-- ---- calls -----------------------------------------------------------------------------
 
--- One reserve: KEYS[k] its reservation record, KEYS[k + 1 .. k + n] its stock hashes,
--- ARGV[q .. q + n - 1] its quantities.
-local function reserve_entry(k, n, id, ttl, items_json, q)
-  local res_key = KEYS[k]
+-- One reserve of `shape` (its items, quantities and ttl) on record `res_key`.
+local function reserve_entry(shape, res_key, id)
   if foreign[res_key] then
     return {'error', WRONGTYPE}
   end
+  local items_json = shape.items_json
   local state, expires_at, stored_items = decode_record(records[res_key])
   if state then
     if stored_items ~= items_json then
@@ -208,10 +254,10 @@ local function reserve_entry(k, n, id, ttl, items_json, q)
       return {'conflict', state, expires_at, stored_items}
     end
     if state == 'held' and now >= expires_at then
-      if not keys_match(k + 1, n, stock_prefix, items_json) then
+      if not shape_keys_match(shape) then
         return {'error', 'reserve: the declared keys are not the items\' stock keys'}
       end
-      local moves, corrupt = plan_moves(k + 1, stored_items, 'available')
+      local moves, corrupt = plan_moves(shape, 'available')
       if not moves then
         return corrupt
       end
@@ -222,10 +268,10 @@ local function reserve_entry(k, n, id, ttl, items_json, q)
     return {'existing', state, expires_at, stored_items}
   end
   -- Validate every item first ...
-  local qtys = {}
+  local n, key_at, qtys = shape.n, shape.key_at, shape.qtys
   for i = 1, n do
-    local key = KEYS[k + i]
-    local qty = tonumber(ARGV[q + i - 1])
+    local key = KEYS[key_at[i]]
+    local qty = qtys[i]
     local level = level_at(key)
     if type(level) ~= 'table' or level[1] < qty then
       local sku = string.sub(key, string.len(stock_prefix) + 1)
@@ -237,30 +283,33 @@ local function reserve_entry(k, n, id, ttl, items_json, q)
       end
       return {'insufficient', sku, qty, level[1]}
     end
-    qtys[i] = qty
   end
-  -- ... then record the hold and move the (cached) stock.
-  expires_at = now + ttl
-  local deadline = deadline_text(expires_at)
-  write_record(res_key, string.format('held:%s:%s', deadline, items_json), false)
-  change_index(id, deadline)
+  -- ... then record the hold and move the (cached) stock. Every hold of a shape has the
+  -- same deadline and the same stored record.
+  if not shape.held_record then
+    shape.expires_at = now + shape.ttl
+    shape.deadline = deadline_text(shape.expires_at)
+    shape.held_record = 'held:' .. shape.deadline .. ':' .. items_json
+  end
+  write_record(res_key, shape.held_record, false)
+  change_index(id, shape.deadline)
+  holds_change = holds_change + 1
   for i = 1, n do
-    local key = KEYS[k + i]
-    local level = levels[key]
+    local level = levels[KEYS[key_at[i]]]
     level[1] = level[1] - qtys[i]
     level[2] = level[2] + qtys[i]
-    touch(key)
+    touch(KEYS[key_at[i]])
   end
-  return expires_at
+  return shape.expires_at
 end
 
--- One settlement (as settle.lua): KEYS[k] its reservation record, KEYS[k + 1 .. k + n] the
--- stock hashes of the items the client read.
-local function settle_entry(k, n, id, action, items_json)
-  local res_key = KEYS[k]
+-- One settlement (as settle.lua) of record `res_key`: `shape` holds the action and the
+-- items the client read, with their stock keys.
+local function settle_entry(shape, res_key, id)
   if foreign[res_key] then
     return {'error', WRONGTYPE}
   end
+  local action = shape.op
   local state, expires_at, stored_items = decode_record(records[res_key])
   if not state then
     change_index(id, false)
@@ -268,7 +317,7 @@ local function settle_entry(k, n, id, action, items_json)
   end
   local changed = 0
   if state == 'held' then
-    if stored_items ~= items_json or not keys_match(k + 1, n, stock_prefix, items_json) then
+    if stored_items ~= shape.items_json or not shape_keys_match(shape) then
       return {'items_changed'}
     end
     local to, field
@@ -280,13 +329,17 @@ local function settle_entry(k, n, id, action, items_json)
       to, field = 'released', 'available'
     end
     if to then
-      local moves, corrupt = plan_moves(k + 1, stored_items, field)
+      local moves, corrupt = plan_moves(shape, field)
       if not moves then
         return corrupt
       end
       finish_entry(res_key, id, to, expires_at, stored_items)
       apply_moves(moves, field)
       state, changed = to, 1
+    else
+      -- The reaper found a hold that is not due (its id was reused after the group it
+      -- was first indexed in): index it at its own deadline.
+      change_index(id, deadline_text(expires_at))
     end
   elseif action == 'expire' then
     change_index(id, false)
@@ -302,43 +355,56 @@ local function error_text(e)
 end
 
 local replies = {}
-local k, a = 2, 4
 for e = 1, entries do
-  local op, id, n, ttl, items_json = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
+  local shape = shapes[tonumber(ARGV[first_call_arg + 2 * (e - 1)])]
+  local id = ARGV[first_call_arg + 2 * e - 1]
+  local res_key = KEYS[first_record_key + e - 1]
   local ok, reply
-  if op == 'reserve' then
-    ok, reply = pcall(reserve_entry, k, n, id, ttl, items_json, a + 5)
+  if not shape then
+    ok, reply = false, 'batch: a call of an unknown shape'
+  elseif shape.op == 'reserve' then
+    ok, reply = pcall(reserve_entry, shape, res_key, id)
   else
-    ok, reply = pcall(settle_entry, k, n, id, op, items_json)
+    ok, reply = pcall(settle_entry, shape, res_key, id)
   end
   if not ok then
     reply = {'error', error_text(reply)}
   end
   replies[e] = reply
-  k = k + 1 + n
-  a = a + 5
-  if op == 'reserve' then
-    a = a + n
-  end
 end
 
 -- ---- writes, each key once -------------------------------------------------------------
 
-local adds, removes = {}, {}
+-- Additions grouped by deadline: a deadline with one id indexes the id itself, one with
+-- several ids one group member (see common.lua).
+local groups, group_deadlines, removes = {}, {}, {}
 for _, id in ipairs(index_ids) do
   local deadline = index_change[id]
   if deadline then
-    adds[#adds + 1] = deadline
-    adds[#adds + 1] = id
+    local group = groups[deadline]
+    if not group then
+      group = {}
+      groups[deadline] = group
+      group_deadlines[#group_deadlines + 1] = deadline
+    end
+    group[#group + 1] = id
   else
     removes[#removes + 1] = id
   end
+end
+local adds = {}
+for _, deadline in ipairs(group_deadlines) do
+  adds[#adds + 1] = deadline
+  adds[#adds + 1] = index_member(groups[deadline])
 end
 for first = 1, #adds, SLICE do
   redis.call('ZADD', expiries_key, unpack(adds, first, math.min(first + SLICE - 1, #adds)))
 end
 for first = 1, #removes, SLICE do
   redis.call('ZREM', expiries_key, unpack(removes, first, math.min(first + SLICE - 1, #removes)))
+end
+if holds_change ~= 0 then
+  count_holds(holds_key, holds_change)
 end
 
 local held = {}

@@ -5,7 +5,10 @@
 --   <prefix>{<ns>}:stock:<sku>  hash  available, held, sold
 --   <prefix>{<ns>}:res:<id>     string  <state>:<expires_at>:<items>, state one of
 --                               held|confirmed|released|expired, expires_at in unix ms
---   <prefix>{<ns>}:expiries     zset  reservation id scored by its deadline (unix ms)
+--   <prefix>{<ns>}:expiries     zset  the ids of holds scored by their deadline (unix ms):
+--                               a member is one id, or a group of the ids a batch held
+--                               with one deadline (see index_member)
+--   <prefix>{<ns>}:holds        string  the number of holds (not yet final)
 -- `items` is a JSON array of strings: sku1, qty1, sku2, qty2, ... (sorted by sku).
 -- A record is a string (not a hash) so that a batch reads all its records with one MGET
 -- and writes them with one MSET.
@@ -127,6 +130,25 @@ local function move_items(first, items_json, to)
     redis.call('HINCRBY', m[1], to, m[3])
   end
   return nil
+end
+
+-- The expiry index member of the ids indexed at one deadline: the id itself, or for
+-- several ids a group, each id preceded by a NUL byte (reservation ids never contain
+-- NUL). A group is not rewritten when one of its holds ends: `due` splits a group that
+-- falls due into its ids, and the reaper then settles each (a final one is dropped).
+local function index_member(ids)
+  if #ids == 1 then
+    return ids[1]
+  end
+  return '\0' .. table.concat(ids, '\0')
+end
+
+-- Adds `change` to the holds counter at `key`, never going below zero (holds made before
+-- the counter existed end without having been counted).
+local function count_holds(key, change)
+  if redis.call('INCRBY', key, change) < 0 then
+    redis.call('SET', key, 0)
+  end
 end
 
 -- Puts a reservation in its final state: off the expiry index, kept for `retention_ms`

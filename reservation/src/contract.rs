@@ -40,7 +40,8 @@ macro_rules! contract_tests {
             expiry_cannot_be_poisoned,
             batch_mixed_outcomes,
             batch_duplicate_ids,
-            batch_concurrent_settlements
+            batch_concurrent_settlements,
+            batch_holds_expire_in_bounded_sweeps
         );
     };
     (@each $factory:expr; $($name:ident),*) => {
@@ -493,6 +494,10 @@ pub async fn invalid_input(store: &dyn ReservationStore) {
         Err(Error::InvalidId(_))
     ));
     assert!(matches!(
+        store.reserve("r\0s", &[("a", 1)], HOUR).await,
+        Err(Error::InvalidId(_))
+    ));
+    assert!(matches!(
         store.set_stock("", 1).await,
         Err(Error::InvalidId(_))
     ));
@@ -883,4 +888,71 @@ pub async fn batch_concurrent_settlements(store: &dyn ReservationStore) {
         }
     }
     assert_eq!(level(store, "a").await, StockLevel::new(85, 0, 15));
+}
+
+/// Holds made at once with one deadline (a coalescing backend indexes a batch's holds
+/// together), some of them confirmed or released before it: once due, sweeps of at most 7
+/// expire exactly the ones still held, each once, and then find nothing more.
+pub async fn batch_holds_expire_in_bounded_sweeps(store: &dyn ReservationStore) {
+    store.set_stock("a", 1000).await.unwrap();
+    let ttl = Duration::from_millis(300);
+    let holds = (0..60).map(|i| async move {
+        store
+            .reserve(&format!("g{i}"), &[("a", 1)], ttl)
+            .await
+            .unwrap()
+    });
+    futures::future::join_all(holds).await;
+    let settlements = (0..30).map(|i| async move {
+        let id = format!("g{i}");
+        if i < 20 {
+            store.confirm(&id).await.unwrap().state
+        } else {
+            store.release(&id).await.unwrap().state
+        }
+    });
+    for (i, state) in futures::future::join_all(settlements)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let expected = if i < 20 {
+            ReservationState::Confirmed
+        } else {
+            ReservationState::Released
+        };
+        assert_eq!(state, expected, "g{i}");
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(950, 30, 20));
+    eventually("the 30 holds left are past their deadline", || async {
+        store.reservation("g59").await.unwrap().unwrap().state == ReservationState::Expired
+    })
+    .await;
+    let (mut reaped, mut sweeps) = (0, 0);
+    while reaped < 30 {
+        let n = store.reap_expired(7).await.unwrap();
+        assert!(n <= 7, "a sweep of at most 7 expired {n}");
+        reaped += n;
+        sweeps += 1;
+        assert!(sweeps <= 30, "{reaped} of 30 expired after {sweeps} sweeps");
+    }
+    assert_eq!(reaped, 30);
+    for _ in 0..10 {
+        assert_eq!(store.reap_expired(7).await.unwrap(), 0);
+    }
+    assert_eq!(level(store, "a").await, StockLevel::new(980, 0, 20));
+    for i in 0..60 {
+        let state = store
+            .reservation(&format!("g{i}"))
+            .await
+            .unwrap()
+            .unwrap()
+            .state;
+        let expected = match i {
+            0..20 => ReservationState::Confirmed,
+            20..30 => ReservationState::Released,
+            _ => ReservationState::Expired,
+        };
+        assert_eq!(state, expected, "g{i}");
+    }
 }

@@ -5,7 +5,8 @@
 //! ```text
 //! <prefix>{<namespace>}:stock:<sku>  hash  available, held, sold
 //! <prefix>{<namespace>}:res:<id>     string  <state>:<expires_at>:<items JSON>
-//! <prefix>{<namespace>}:expiries     zset  id by deadline (unix ms)
+//! <prefix>{<namespace>}:expiries     zset  id (or a group of ids held together) by deadline (unix ms)
+//! <prefix>{<namespace>}:holds        string  number of holds not yet final
 //! ```
 //!
 //! Every key carries the hash tag `{<namespace>}`, so all keys of a namespace are in one
@@ -26,18 +27,19 @@
 //!
 //! # Coalescing
 //!
-//! With [`coalesce(true)`](RedisReservationsBuilder::coalesce) (off by default: on a quiet
-//! machine it pays from about 64 calls in flight on one namespace and costs at 16, see the
-//! README's figures) concurrent reserve / confirm / release / expire calls of one store
-//! (namespace) are coalesced: while one batch is in flight the next calls queue, and go to Redis together
-//! as one script invocation that applies each call in order with its own semantics and
-//! its own result (see [`RedisReservationsBuilder::coalesce`]). The batch reads every
-//! record it needs with one `MGET` and writes them with one `MSET` (records are strings
-//! for that reason), the expiry index with one `ZADD`, each stock hash once. A lone call
-//! is sent at once, as the single-call script; batches are bounded by
+//! Concurrent reserve / confirm / release / expire calls of one store (namespace) are
+//! coalesced ([`coalesce`](RedisReservationsBuilder::coalesce), on by default): while a
+//! batch is in flight the next calls queue, and go to Redis together as one script
+//! invocation that applies each call in order with its own semantics and its own result.
+//! The batch sends each distinct (operation, ttl, items) once and each call as its id; it
+//! reads every record it needs with one `MGET` and writes them with one `MSET` (records
+//! are strings for that reason), each stock hash once, and indexes the holds it makes with
+//! one deadline as one member of the expiry index. A lone call is sent at once, as the
+//! single-call script; batches are bounded by
 //! [`max_batch`](RedisReservationsBuilder::max_batch) calls and 4,096 keys, which bounds
-//! the script's run time. A batch that fails as a whole (connection loss, `BUSY`) gives
-//! each of its callers a retryable error, retried by each caller with the same id.
+//! the script's run time, and [`batches_in_flight`](RedisReservationsBuilder::batches_in_flight)
+//! of them overlap. A batch that fails as a whole (connection loss, `BUSY`) gives each of
+//! its callers a retryable error, retried by each caller with the same id.
 //!
 //! ## Failure modes
 //!

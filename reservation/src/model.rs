@@ -118,6 +118,10 @@ pub(crate) fn check_id(reservation_id: &str) -> Result<(), Error> {
     if reservation_id.is_empty() {
         return Err(Error::InvalidId("empty reservation id".into()));
     }
+    // The Redis expiry index separates the ids of a group with NUL.
+    if reservation_id.contains('\0') {
+        return Err(Error::InvalidId("a reservation id with a NUL byte".into()));
+    }
     Ok(())
 }
 

@@ -126,34 +126,35 @@ async fn serial_lone_call_is_sent_as_the_single_call_script() {
     );
 }
 
-/// 32 callers in a closed loop (each sends its next call as soon as its previous one is
-/// answered), on one runtime worker: once answered together, they call again together, so
-/// every batch after the first carries all 32 calls. Without stepping back for the
-/// answered callers, the batch task woke on the first of them and sent it alone, then the
-/// other 31 a round trip later: twice the scripts, half of them batches of one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn serial_closed_loop_callers_go_as_full_batches() {
-    init_tracing();
+/// Runs `callers` tasks in a closed loop (each sends its next call as soon as its previous
+/// one is answered) of `rounds` reserves each, on a store with `batches_in_flight` slots;
+/// returns the scripts run and how many of them were lone calls, after checking that every
+/// hold was made exactly once.
+async fn closed_loop(
+    namespace: &str,
+    callers: u64,
+    rounds: u64,
+    batches_in_flight: usize,
+) -> (u64, u64) {
     let server = RedisServer::start().await;
     let store = RedisReservations::builder(server.url().as_str())
         .coalesce(true)
-        .namespace("closed")
+        .batches_in_flight(batches_in_flight)
+        .namespace(namespace)
         .connect()
         .await
         .unwrap();
     store.set_stock("hot", 100_000).await.unwrap();
-    const CALLERS: u64 = 32;
-    const ROUNDS: u64 = 100;
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut admin(&server).await)
         .await
         .unwrap();
-    let callers: Vec<_> = (0..CALLERS)
+    let tasks: Vec<_> = (0..callers)
         .map(|c| {
             let store = store.clone();
             tokio::spawn(async move {
-                for r in 0..ROUNDS {
+                for r in 0..rounds {
                     let held = store
                         .reserve(&format!("c{c}-{r}"), &[("hot", 1)], HOUR)
                         .await;
@@ -162,19 +163,49 @@ async fn serial_closed_loop_callers_go_as_full_batches() {
             })
         })
         .collect();
-    for caller in callers {
-        caller.await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
     }
     let scripts = calls(&server, "evalsha").await;
     let lone = calls(&server, "get").await;
-    assert!(
-        scripts <= ROUNDS + ROUNDS / 10 && lone <= ROUNDS / 10,
-        "{CALLERS} closed-loop callers x {ROUNDS} calls took {scripts} scripts, {lone} of them lone calls (expected about {ROUNDS} full batches)"
-    );
-    let calls_made = CALLERS * ROUNDS;
+    let calls_made = callers * rounds;
     assert_eq!(
         store.stock("hot").await.unwrap(),
         StockLevel::new(100_000 - calls_made, calls_made, 0)
+    );
+    (scripts, lone)
+}
+
+/// 32 callers in a closed loop on one runtime worker and one batch slot: once answered
+/// together, they call again together, so every batch after the first carries all 32
+/// calls. Without stepping back for the answered callers, the batch task woke on the first
+/// of them and sent it alone, then the other 31 a round trip later: twice the scripts,
+/// half of them batches of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn serial_closed_loop_callers_go_as_full_batches() {
+    init_tracing();
+    const ROUNDS: u64 = 100;
+    let (scripts, lone) = closed_loop("closed", 32, ROUNDS, 1).await;
+    assert!(
+        scripts <= ROUNDS + ROUNDS / 10 && lone <= ROUNDS / 10,
+        "32 closed-loop callers x {ROUNDS} calls took {scripts} scripts, {lone} of them lone calls (expected about {ROUNDS} full batches)"
+    );
+}
+
+/// 64 callers in a closed loop with two batch slots (the default): each batch aims at half
+/// the demand, so the loop settles into two batches of about 32 that overlap (the server
+/// runs one while the client answers the other's callers), not one batch of 64 that
+/// leaves the server idle while its callers are answered, nor a trickle of small batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn serial_closed_loop_callers_split_into_two_overlapping_batches() {
+    init_tracing();
+    const ROUNDS: u64 = 100;
+    let (scripts, lone) = closed_loop("halves", 64, ROUNDS, 2).await;
+    assert!(
+        (2 * ROUNDS - ROUNDS / 5..=2 * ROUNDS + ROUNDS / 5).contains(&scripts)
+            && lone <= ROUNDS / 10,
+        "64 closed-loop callers x {ROUNDS} calls took {scripts} scripts, {lone} of them lone calls (expected about {} batches of 32)",
+        2 * ROUNDS
     );
 }
 

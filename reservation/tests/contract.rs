@@ -173,4 +173,185 @@ mod redis {
         assert_eq!(kind, "hash", "the foreign key was overwritten");
         assert_eq!(single.stock("a").await.unwrap(), StockLevel::new(8, 2, 0));
     }
+
+    async fn index_members(redis: &TestRedis, store: &RedisReservations) -> u64 {
+        let mut conn = redis
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("ZCARD")
+            .arg(store.expiries_key())
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    async fn holds_counted(redis: &TestRedis, store: &RedisReservations) -> u64 {
+        let mut conn = redis
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let holds: Option<u64> = redis::cmd("GET")
+            .arg(store.holds_key())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        holds.unwrap_or(0)
+    }
+
+    /// Waits until `id` reads as expired (its deadline passed, by the server's clock).
+    async fn until_expired(store: &RedisReservations, id: &str) {
+        use eventful_reservation::{ReservationState, ReservationStore};
+        for _ in 0..500 {
+            let state = store.reservation(id).await.unwrap().map(|r| r.state);
+            if state == Some(ReservationState::Expired) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{id} never expired");
+    }
+
+    /// Holds a batch makes with one deadline are one member of the expiry index (one zset
+    /// insert, not one per hold); the holds counter behind the active-holds gauge follows
+    /// every hold made and ended; once the group is due and swept, nothing is left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_holds_is_one_index_member_and_the_holds_counter_follows() {
+        use eventful_reservation::{ReservationStore, StockLevel};
+        let redis = TestRedis::connect().await;
+        let store = store_on(&redis, true).await;
+        store.set_stock("a", 100).await.unwrap();
+        let ttl = std::time::Duration::from_millis(400);
+        let held = futures::future::join_all((0..32).map(|i| {
+            let store = store.clone();
+            async move { store.reserve(&format!("h{i}"), &[("a", 1)], ttl).await }
+        }))
+        .await;
+        assert!(held.iter().all(Result::is_ok));
+        let members = index_members(&redis, &store).await;
+        assert!(
+            members < 32,
+            "32 holds made at once took {members} index members"
+        );
+        assert_eq!(holds_counted(&redis, &store).await, 32);
+        let settled = futures::future::join_all((0..16).map(|i| {
+            let store = store.clone();
+            async move {
+                let id = format!("h{i}");
+                if i < 10 {
+                    store.confirm(&id).await
+                } else {
+                    store.release(&id).await
+                }
+            }
+        }))
+        .await;
+        assert!(settled.iter().all(Result::is_ok));
+        assert_eq!(holds_counted(&redis, &store).await, 16);
+        until_expired(&store, "h31").await;
+        let mut reaped = 0;
+        for _ in 0..20 {
+            reaped += store.reap_expired(100).await.unwrap();
+        }
+        assert_eq!(reaped, 16);
+        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(90, 0, 10));
+        assert_eq!(
+            index_members(&redis, &store).await,
+            0,
+            "the index is left empty"
+        );
+        assert_eq!(holds_counted(&redis, &store).await, 0);
+    }
+
+    /// An id confirmed, forgotten after its retention and reserved again is still in the
+    /// group it was first indexed in: when that group falls due, the new hold is not
+    /// expired early, the reaper does not keep finding it, and it expires at its own
+    /// deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_reused_after_retention_expires_at_its_own_deadline() {
+        use eventful_reservation::{ReservationState, ReservationStore, StockLevel};
+        use std::time::Duration;
+        let redis = TestRedis::connect().await;
+        let store = RedisReservations::builder(redis.url.as_str())
+            .key_prefix(redis.prefix.clone())
+            .namespace("reused")
+            .retention(Duration::from_millis(100))
+            .coalesce(true)
+            .connect()
+            .await
+            .unwrap();
+        store.set_stock("a", 100).await.unwrap();
+        let first = futures::future::join_all((0..8).map(|i| {
+            let store = store.clone();
+            async move {
+                let ttl = Duration::from_millis(600);
+                store.reserve(&format!("x{i}"), &[("a", 1)], ttl).await
+            }
+        }))
+        .await;
+        assert!(first.iter().all(Result::is_ok));
+        let members = index_members(&redis, &store).await;
+        assert!(
+            members < 8,
+            "8 holds made at once took {members} index members"
+        );
+        store.confirm("x0").await.unwrap();
+        for _ in 0..100 {
+            if store.reservation("x0").await.unwrap().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            store.reservation("x0").await.unwrap(),
+            None,
+            "x0 outlived its retention"
+        );
+        let again = futures::future::join_all(
+            ["x0", "y1", "y2", "y3"]
+                .map(|id| store.reserve(id, &[("a", 1)], Duration::from_secs(3))),
+        )
+        .await;
+        assert!(again.iter().all(Result::is_ok));
+        until_expired(&store, "x1").await;
+        let mut reaped = 0;
+        for _ in 0..10 {
+            reaped += store.reap_expired(100).await.unwrap();
+        }
+        assert_eq!(reaped, 7, "x1..x7 expire, the new x0 does not");
+        assert_eq!(
+            store.reservation("x0").await.unwrap().unwrap().state,
+            ReservationState::Held
+        );
+        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(95, 4, 1));
+        // Nothing else is due before the new deadline: the reaper finds nothing.
+        let mut conn = redis
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(store.expiries_key())
+            .arg("-inf")
+            .arg(now_ms)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(due.is_empty(), "still due: {due:?}");
+        until_expired(&store, "x0").await;
+        let mut reaped = 0;
+        for _ in 0..10 {
+            reaped += store.reap_expired(100).await.unwrap();
+        }
+        assert_eq!(reaped, 4);
+        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(99, 0, 1));
+        assert_eq!(index_members(&redis, &store).await, 0);
+        assert_eq!(holds_counted(&redis, &store).await, 0);
+    }
 }

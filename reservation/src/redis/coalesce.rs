@@ -16,12 +16,12 @@
 //! in it with that error; each caller then retries on its own, with its own attempts and
 //! backoff, so the queue never stalls behind a retrying batch.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use redis::{Script, ScriptInvocation, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::scripts::Scripts;
@@ -34,6 +34,10 @@ pub(crate) const MAX_BATCH_KEYS: usize = 4096;
 
 /// Requests queued per store before callers wait to enqueue (backpressure).
 const QUEUE: usize = 4096;
+
+/// The smallest share of the demand a batch aims at before it is sent (smaller batches
+/// cost the server more per call than overlapping them saves).
+const MIN_SHARE: usize = 32;
 
 /// The most times the batch task steps back for ready callers before sending a batch.
 const MAX_YIELDS: usize = 8;
@@ -63,6 +67,7 @@ impl Entry {
         reserve: &'s Script,
         settle: &'s Script,
         expiries_key: &str,
+        holds_key: &str,
         retention_ms: u64,
         stock_prefix: &str,
     ) -> Result<ScriptInvocation<'s>, Error> {
@@ -72,7 +77,7 @@ impl Entry {
             .ok_or_else(|| Error::Protocol("a call without keys".to_owned()))?;
         let reserving = self.op == "reserve";
         let mut inv = if reserving { reserve } else { settle }.key(reservation_key);
-        inv.key(expiries_key);
+        inv.key(expiries_key).key(holds_key);
         for key in stock_keys {
             inv.key(key);
         }
@@ -104,6 +109,7 @@ pub(crate) struct Context {
     pub(crate) reserve: Script,
     pub(crate) settle: Script,
     pub(crate) expiries_key: String,
+    pub(crate) holds_key: String,
     pub(crate) stock_prefix: String,
     pub(crate) retention_ms: u64,
     instruments: super::Instruments,
@@ -115,6 +121,7 @@ impl Context {
         conns: Arc<[RedisConnection]>,
         scripts: &Scripts,
         expiries_key: String,
+        holds_key: String,
         stock_prefix: String,
         retention_ms: u64,
         instruments: super::Instruments,
@@ -126,6 +133,7 @@ impl Context {
             reserve: scripts.reserve.clone(),
             settle: scripts.settle.clone(),
             expiries_key,
+            holds_key,
             stock_prefix,
             retention_ms,
             next: AtomicUsize::new(0),
@@ -172,67 +180,85 @@ async fn run(
     max_batch: usize,
     max_in_flight: usize,
 ) {
-    let mut in_flight = FuturesUnordered::new();
+    // One permit per batch in flight. Each batch is its own task, so its reply is
+    // handed out while this task gathers the next batch.
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    let in_flight_calls = Arc::new(AtomicUsize::new(0));
     // A request taken from the queue that did not fit the previous batch's key limit.
     let mut carry: Option<Request> = None;
-    let mut open = true;
     loop {
-        if (open || carry.is_some()) && in_flight.len() < max_in_flight {
-            let first = match carry.take() {
-                Some(request) => Some(request),
-                None => tokio::select! {
-                    request = rx.recv() => request,
-                    Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
-                },
-            };
-            let Some(first) = first else {
-                open = false;
-                continue;
-            };
-            let mut keys = first.entry.keys.len();
-            let mut batch = vec![first];
-            // The callers a finished batch just answered are ready to run and about to
-            // send their next calls, but the first of them woke this task before the
-            // others ran. So once the queue is drained, step back behind the ready tasks
-            // (a yield, no timer) and take what they queued, until a step back brings
-            // nothing: a lone call costs one yield, and a burst goes as one batch
-            // instead of a small one plus the rest a round trip later.
-            let mut yields = 0;
-            // Batch size at the last yield (0 before the first, so the first always comes).
-            let mut before_yield = 0;
-            while batch.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(request) if keys + request.entry.keys.len() > MAX_BATCH_KEYS => {
-                        carry = Some(request);
-                        break;
-                    }
-                    Ok(request) => {
-                        keys += request.entry.keys.len();
-                        batch.push(request);
-                    }
-                    Err(_) if yields < MAX_YIELDS && batch.len() > before_yield => {
-                        yields += 1;
-                        before_yield = batch.len();
-                        tokio::task::yield_now().await;
-                    }
-                    Err(_) => break,
-                }
-            }
-            in_flight.push(send(context.clone(), batch));
-        } else if in_flight.next().await.is_none() && !open {
+        let first = match carry.take() {
+            Some(request) => request,
+            None => match rx.recv().await {
+                Some(request) => request,
+                None => return,
+            },
+        };
+        // While every slot is busy the queue fills, and the next batch takes it all.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
+        };
+        // Each batch aims at an even share of the calls in flight and queued: a closed
+        // loop of K callers then settles into batches of K / max_in_flight that overlap
+        // (the server runs one while the client answers the callers of another) instead
+        // of one batch of K with each side waiting for the other.
+        let demand = in_flight_calls.load(Ordering::Relaxed) + rx.len() + 1;
+        let share = demand.div_ceil(max_in_flight).max(MIN_SHARE).min(max_batch);
+        let mut keys = first.entry.keys.len();
+        let mut batch = vec![first];
+        // The callers a finished batch just answered are ready to run and about to
+        // send their next calls, but the first of them woke this task before the
+        // others ran. So once the queue is drained, step back behind the ready tasks
+        // (a yield, no timer) and take what they queued, until a step back brings
+        // nothing: a lone call costs one yield, and a burst goes as one batch
+        // instead of a small one plus the rest a round trip later.
+        let mut yields = 0;
+        // Batch size at the last yield (0 before the first, so the first always comes).
+        let mut before_yield = 0;
+        while batch.len() < share {
+            match rx.try_recv() {
+                Ok(request) if keys + request.entry.keys.len() > MAX_BATCH_KEYS => {
+                    carry = Some(request);
+                    break;
+                }
+                Ok(request) => {
+                    keys += request.entry.keys.len();
+                    batch.push(request);
+                }
+                Err(_) if yields < MAX_YIELDS && batch.len() > before_yield => {
+                    yields += 1;
+                    before_yield = batch.len();
+                    tokio::task::yield_now().await;
+                }
+                Err(_) => break,
+            }
         }
+        in_flight_calls.fetch_add(batch.len(), Ordering::Relaxed);
+        tokio::spawn(send(context.clone(), batch, slot, in_flight_calls.clone()));
     }
 }
 
+/// Sends one batch and hands every caller its own reply, then frees its slot.
+async fn send(
+    context: Arc<Context>,
+    batch: Vec<Request>,
+    _slot: OwnedSemaphorePermit,
+    in_flight_calls: Arc<AtomicUsize>,
+) {
+    let calls = batch.len();
+    answer(&context, batch).await;
+    in_flight_calls.fetch_sub(calls, Ordering::Relaxed);
+}
+
 /// Sends one batch and hands every caller its own reply.
-async fn send(context: Arc<Context>, mut batch: Vec<Request>) {
+async fn answer(context: &Context, mut batch: Vec<Request>) {
     if batch.len() == 1 {
         if let Some(request) = batch.pop() {
             let result = match request.entry.single(
                 &context.reserve,
                 &context.settle,
                 &context.expiries_key,
+                &context.holds_key,
                 context.retention_ms,
                 &context.stock_prefix,
             ) {
@@ -251,26 +277,7 @@ async fn send(context: Arc<Context>, mut batch: Vec<Request>) {
         }
         return;
     }
-    let mut inv = context.script.key(&context.expiries_key);
-    for request in &batch {
-        for key in &request.entry.keys {
-            inv.key(key);
-        }
-    }
-    inv.arg(context.retention_ms)
-        .arg(&context.stock_prefix)
-        .arg(batch.len());
-    for request in &batch {
-        let entry = &request.entry;
-        inv.arg(entry.op)
-            .arg(&entry.id)
-            .arg(entry.keys.len().saturating_sub(1))
-            .arg(entry.ttl_ms)
-            .arg(&entry.items_json);
-        for qty in &entry.qtys {
-            inv.arg(*qty);
-        }
-    }
+    let inv = batch_invocation(&context, &batch);
     let span = tracing::debug_span!("reservation.batch", size = batch.len());
     let mut conn = context.connection();
     let invoked = inv.invoke_async::<Value>(&mut conn).instrument(span);
@@ -296,6 +303,65 @@ async fn send(context: Arc<Context>, mut batch: Vec<Request>) {
             }
         }
     }
+}
+
+/// One distinct (op, ttl, items) of a batch, sent once for all its calls.
+type Shape<'a> = (&'static str, u64, &'a str);
+
+/// The `batch.lua` invocation of `batch`: the distinct stock keys and shapes once each,
+/// then each call as its shape number, reservation id and record key.
+fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvocation<'s> {
+    let mut stock_keys: HashMap<&str, usize> = HashMap::new();
+    let mut shapes: HashMap<Shape<'_>, usize> = HashMap::new();
+    let mut shape_entries: Vec<&Entry> = Vec::new();
+    let mut call_shapes = Vec::with_capacity(batch.len());
+    for request in batch {
+        let entry = &*request.entry;
+        for key in entry.keys.iter().skip(1) {
+            let next = stock_keys.len() + 1;
+            stock_keys.entry(key).or_insert(next);
+        }
+        let next = shape_entries.len() + 1;
+        let shape = *shapes
+            .entry((entry.op, entry.ttl_ms, &entry.items_json))
+            .or_insert_with(|| {
+                shape_entries.push(entry);
+                next
+            });
+        call_shapes.push(shape);
+    }
+    let mut inv = context.script.key(&context.expiries_key);
+    inv.key(&context.holds_key);
+    let mut by_position: Vec<(&str, usize)> = stock_keys.iter().map(|(k, i)| (*k, *i)).collect();
+    by_position.sort_unstable_by_key(|(_, i)| *i);
+    for (key, _) in &by_position {
+        inv.key(*key);
+    }
+    for request in batch {
+        if let Some(record_key) = request.entry.keys.first() {
+            inv.key(record_key);
+        }
+    }
+    inv.arg(context.retention_ms)
+        .arg(&context.stock_prefix)
+        .arg(stock_keys.len())
+        .arg(shape_entries.len())
+        .arg(batch.len());
+    for entry in &shape_entries {
+        let items = entry.keys.len().saturating_sub(1);
+        inv.arg(entry.op)
+            .arg(entry.ttl_ms)
+            .arg(&entry.items_json)
+            .arg(items);
+        for (i, key) in entry.keys.iter().skip(1).enumerate() {
+            inv.arg(stock_keys.get(key.as_str()).copied().unwrap_or(0))
+                .arg(entry.qtys.get(i).copied().unwrap_or(0));
+        }
+    }
+    for (request, shape) in batch.iter().zip(call_shapes) {
+        inv.arg(shape).arg(&request.entry.id);
+    }
+    inv
 }
 
 /// `{'error', message}`: a Redis command of this entry failed (the others are unaffected).

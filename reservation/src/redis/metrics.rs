@@ -95,13 +95,13 @@ impl Instruments {
         self.handles.expired.increment(holds as u64);
     }
 
-    /// Whether the active-holds gauge is kept (the reaper then counts the expiry index).
+    /// Whether the active-holds gauge is kept (the reaper then reads the holds counter).
     #[inline]
     pub(super) fn wants_active_holds(&self) -> bool {
         cfg!(feature = "metrics")
     }
 
-    /// Sets the number of holds with a deadline in the expiry index.
+    /// Sets the number of holds not yet final.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     #[inline]
     pub(super) fn active_holds(&self, holds: u64) {
