@@ -277,7 +277,7 @@ async fn answer(context: &Context, mut batch: Vec<Request>) {
         }
         return;
     }
-    let inv = batch_invocation(&context, &batch);
+    let inv = batch_invocation(context, &batch);
     let span = tracing::debug_span!("reservation.batch", size = batch.len());
     let mut conn = context.connection();
     let invoked = inv.invoke_async::<Value>(&mut conn).instrument(span);
