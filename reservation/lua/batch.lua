@@ -25,9 +25,9 @@
 -- see common.lua): one zset insert per batch instead of one per hold. In between every
 -- call sees what the calls before it left, exactly as separate scripts would; a call
 -- changes the cached state only once it is sure to apply, so a call that fails changes
--- nothing. Lua has no rollback, so the writes come last, the expiry index and the holds
--- counter first: the only ones that can fail (foreign keys) then fail the batch before
--- anything else is written.
+-- nothing. Lua has no rollback, so the writes come last, the holds counter first and the
+-- expiry index next: the only writes that can fail (foreign data at those keys) then fail
+-- the batch before its records and stock are written.
 local expiries_key, holds_key = KEYS[1], KEYS[2]
 local retention = tonumber(ARGV[1])
 local stock_prefix = ARGV[2]
@@ -143,13 +143,14 @@ local function deadline_text(expires_at)
 end
 
 -- The expiry index: id -> deadline (text) to add, or false to remove (the last change
--- wins).
-local index_ids, index_change = {}, {}
-local function change_index(id, deadline)
+-- wins); alone[id] = true for an id to index as its own member, not in a group.
+local index_ids, index_change, alone = {}, {}, {}
+local function change_index(id, deadline, own_member)
   if index_change[id] == nil then
     index_ids[#index_ids + 1] = id
   end
   index_change[id] = deadline
+  alone[id] = own_member
 end
 
 -- ---- stock levels ----------------------------------------------------------------------
@@ -338,8 +339,9 @@ local function settle_entry(shape, res_key, id)
       state, changed = to, 1
     else
       -- The reaper found a hold that is not due (its id was reused after the group it
-      -- was first indexed in): index it at its own deadline.
-      change_index(id, deadline_text(expires_at))
+      -- was first indexed in): index it at its own deadline, as its own member, which
+      -- replaces the one `due` left for it at the group's deadline.
+      change_index(id, deadline_text(expires_at), true)
     end
   elseif action == 'expire' then
     change_index(id, false)
@@ -377,10 +379,13 @@ end
 
 -- Additions grouped by deadline: a deadline with one id indexes the id itself, one with
 -- several ids one group member (see common.lua).
-local groups, group_deadlines, removes = {}, {}, {}
+local groups, group_deadlines, removes, adds = {}, {}, {}, {}
 for _, id in ipairs(index_ids) do
   local deadline = index_change[id]
-  if deadline then
+  if deadline and alone[id] then
+    adds[#adds + 1] = deadline
+    adds[#adds + 1] = id
+  elseif deadline then
     local group = groups[deadline]
     if not group then
       group = {}
@@ -392,19 +397,18 @@ for _, id in ipairs(index_ids) do
     removes[#removes + 1] = id
   end
 end
-local adds = {}
 for _, deadline in ipairs(group_deadlines) do
   adds[#adds + 1] = deadline
   adds[#adds + 1] = index_member(groups[deadline])
+end
+if holds_change ~= 0 then
+  count_holds(holds_key, holds_change)
 end
 for first = 1, #adds, SLICE do
   redis.call('ZADD', expiries_key, unpack(adds, first, math.min(first + SLICE - 1, #adds)))
 end
 for first = 1, #removes, SLICE do
   redis.call('ZREM', expiries_key, unpack(removes, first, math.min(first + SLICE - 1, #removes)))
-end
-if holds_change ~= 0 then
-  count_holds(holds_key, holds_change)
 end
 
 local held = {}

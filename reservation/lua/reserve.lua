@@ -57,7 +57,10 @@ for i = 1, n do
     return {'insufficient', sku, qty, level[1]}
   end
 end
--- ... then write (stock only moves from available to held: totals stay within limits).
+-- ... then write (stock only moves from available to held: totals stay within limits),
+-- the counter first: the one write that can fail (foreign data at its key) then fails
+-- before the others.
+count_holds(holds_key, 1)
 for i = 1, n do
   local qty = tonumber(ARGV[5 + i])
   redis.call('HINCRBY', KEYS[3 + i], 'available', -qty)
@@ -66,5 +69,4 @@ end
 expires_at = now + tonumber(ARGV[2])
 redis.call('SET', res_key, encode_record('held', expires_at, items_json))
 redis.call('ZADD', expiries_key, expires_at, id)
-count_holds(holds_key, 1)
 return expires_at

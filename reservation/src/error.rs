@@ -51,7 +51,7 @@ pub enum Error {
     /// A reservation needs at least one item.
     #[error("a reservation needs at least one item")]
     NoItems,
-    /// The reservation id is empty, or a SKU is empty.
+    /// The reservation id is empty or contains NUL, or a SKU is empty.
     #[error("invalid identifier: {0}")]
     InvalidId(String),
     /// The time-to-live is zero or longer than [`MAX_TTL`](crate::MAX_TTL).

@@ -53,7 +53,7 @@ impl Reaper {
         self
     }
 
-    /// Due holds looked at per call (each is expired by its own short script).
+    /// The most holds expired per call (each by its own short script, coalesced).
     pub fn batch_size(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self

@@ -265,14 +265,16 @@ mod redis {
         assert_eq!(holds_counted(&redis, &store).await, 0);
     }
 
-    /// An id confirmed, forgotten after its retention and reserved again is still in the
-    /// group it was first indexed in: when that group falls due, the new hold is not
-    /// expired early, the reaper does not keep finding it, and it expires at its own
-    /// deadline.
+    /// Ids confirmed, forgotten after their retention and reserved again are still in the
+    /// group they were first indexed in: when that group falls due, the new holds are not
+    /// expired early, the reaper does not keep finding them (re-indexed together, each is
+    /// its own member at its own deadline), and they expire at their own deadline.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_id_reused_after_retention_expires_at_its_own_deadline() {
         use eventful_reservation::{ReservationState, ReservationStore, StockLevel};
         use std::time::Duration;
+        const FIRST: u64 = 24;
+        const REUSED: u64 = 16;
         let redis = TestRedis::connect().await;
         let store = RedisReservations::builder(redis.url.as_str())
             .key_prefix(redis.prefix.clone())
@@ -283,49 +285,58 @@ mod redis {
             .await
             .unwrap();
         store.set_stock("a", 100).await.unwrap();
-        let first = futures::future::join_all((0..8).map(|i| {
+        let reserve_all = |ids: Vec<String>, ttl: Duration| {
             let store = store.clone();
             async move {
-                let ttl = Duration::from_millis(600);
-                store.reserve(&format!("x{i}"), &[("a", 1)], ttl).await
+                let calls = ids.into_iter().map(|id| {
+                    let store = store.clone();
+                    async move { store.reserve(&id, &[("a", 1)], ttl).await }
+                });
+                let results = futures::future::join_all(calls).await;
+                assert!(results.iter().all(Result::is_ok), "{results:?}");
             }
-        }))
-        .await;
-        assert!(first.iter().all(Result::is_ok));
+        };
+        let ids = |range: std::ops::Range<u64>, prefix: &str| -> Vec<String> {
+            range.map(|i| format!("{prefix}{i}")).collect()
+        };
+        reserve_all(ids(0..FIRST, "x"), Duration::from_millis(600)).await;
         let members = index_members(&redis, &store).await;
         assert!(
-            members < 8,
-            "8 holds made at once took {members} index members"
+            members < FIRST,
+            "{FIRST} holds made at once took {members} index members"
         );
-        store.confirm("x0").await.unwrap();
+        for id in ids(0..REUSED, "x") {
+            store.confirm(&id).await.unwrap();
+        }
+        let last = format!("x{}", REUSED - 1);
         for _ in 0..100 {
-            if store.reservation("x0").await.unwrap().is_none() {
+            if store.reservation(&last).await.unwrap().is_none() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(
-            store.reservation("x0").await.unwrap(),
-            None,
-            "x0 outlived its retention"
-        );
-        let again = futures::future::join_all(
-            ["x0", "y1", "y2", "y3"]
-                .map(|id| store.reserve(id, &[("a", 1)], Duration::from_secs(3))),
-        )
-        .await;
-        assert!(again.iter().all(Result::is_ok));
-        until_expired(&store, "x1").await;
-        let mut reaped = 0;
-        for _ in 0..10 {
-            reaped += store.reap_expired(100).await.unwrap();
+        for id in ids(0..REUSED, "x") {
+            assert_eq!(
+                store.reservation(&id).await.unwrap(),
+                None,
+                "{id} outlived its retention"
+            );
         }
-        assert_eq!(reaped, 7, "x1..x7 expire, the new x0 does not");
-        assert_eq!(
-            store.reservation("x0").await.unwrap().unwrap().state,
-            ReservationState::Held
-        );
-        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(95, 4, 1));
+        let mut again = ids(0..REUSED, "x");
+        again.extend(ids(0..3, "y"));
+        reserve_all(again, Duration::from_secs(3)).await;
+        until_expired(&store, "x23").await;
+        // One sweep: the old group is split, its 8 holds still held expire, and the 16
+        // reused ids (settled together) are each put back at their own deadline.
+        assert_eq!(store.reap_expired(100).await.unwrap(), 8);
+        for id in ids(0..REUSED, "x") {
+            assert_eq!(
+                store.reservation(&id).await.unwrap().unwrap().state,
+                ReservationState::Held,
+                "{id}"
+            );
+        }
+        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(65, 19, 16));
         // Nothing else is due before the new deadline: the reaper finds nothing.
         let mut conn = redis
             .client
@@ -344,14 +355,55 @@ mod redis {
             .await
             .unwrap();
         assert!(due.is_empty(), "still due: {due:?}");
-        until_expired(&store, "x0").await;
+        until_expired(&store, "y2").await;
         let mut reaped = 0;
         for _ in 0..10 {
             reaped += store.reap_expired(100).await.unwrap();
         }
-        assert_eq!(reaped, 4);
-        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(99, 0, 1));
+        assert_eq!(reaped, 19);
+        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(84, 0, 16));
         assert_eq!(index_members(&redis, &store).await, 0);
         assert_eq!(holds_counted(&redis, &store).await, 0);
+    }
+
+    /// Holds of one batch that were all confirmed stay indexed in their group until its
+    /// deadline; one sweep looks past them to the holds still due and leaves the index
+    /// empty, so a reaper never stalls behind settled holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sweep_looks_past_settled_holds_to_the_ones_due() {
+        use eventful_reservation::{ReservationStore, StockLevel};
+        use std::time::Duration;
+        let redis = TestRedis::connect().await;
+        let store = store_on(&redis, true).await;
+        store.set_stock("a", 1000).await.unwrap();
+        let ttl = Duration::from_millis(500);
+        let held = futures::future::join_all((0..305).map(|i| {
+            let store = store.clone();
+            async move { store.reserve(&format!("s{i}"), &[("a", 1)], ttl).await }
+        }))
+        .await;
+        assert!(held.iter().all(Result::is_ok));
+        let confirmed = futures::future::join_all((0..300).map(|i| {
+            let store = store.clone();
+            async move { store.confirm(&format!("s{i}")).await }
+        }))
+        .await;
+        assert!(confirmed.iter().all(Result::is_ok));
+        assert!(
+            index_members(&redis, &store).await < 300,
+            "no group was made of 305 holds at once"
+        );
+        // The last holds made are the ones left: due last, behind the 300 settled ones.
+        until_expired(&store, "s304").await;
+        assert_eq!(
+            store.reap_expired(10).await.unwrap(),
+            5,
+            "one sweep expires the 5 holds due past 300 settled ones"
+        );
+        assert_eq!(
+            store.stock("a").await.unwrap(),
+            StockLevel::new(700, 0, 300)
+        );
+        assert_eq!(index_members(&redis, &store).await, 0);
     }
 }

@@ -28,8 +28,9 @@ use super::scripts::Scripts;
 use super::RedisConnection;
 use crate::Error;
 
-/// The most keys one batch declares (each entry declares its reservation key and one
-/// stock key per item): bounds the script's run time however many items calls have.
+/// The most keys one batch declares, counted as if each call declared its reservation key
+/// and one stock key per item (a batch declares each stock key once, so fewer): bounds the
+/// script's run time however many items calls have.
 pub(crate) const MAX_BATCH_KEYS: usize = 4096;
 
 /// Requests queued per store before callers wait to enqueue (backpressure).

@@ -43,6 +43,10 @@ pub const DEFAULT_MAX_BATCH: usize = 128;
 /// Default number of coalesced batches a store keeps in flight at once.
 pub const DEFAULT_BATCHES_IN_FLIGHT: usize = 2;
 
+/// Rounds of `due` one `reap_expired` call makes at most, while rounds come back full of
+/// holds already final (see `reap_expired`).
+const REAP_ROUNDS: usize = 64;
+
 /// Reads of a reservation before a settlement gives up with
 /// [`Error::ReservationChanged`] (each retry means its id was forgotten and reused
 /// between a read and the write that followed it).
@@ -121,8 +125,9 @@ impl RedisReservations {
     /// Defaults: key prefix [`DEFAULT_KEY_PREFIX`], namespace [`DEFAULT_NAMESPACE`],
     /// retention [`DEFAULT_RETENTION`], response timeout [`DEFAULT_RESPONSE_TIMEOUT`],
     /// connection timeout [`DEFAULT_CONNECTION_TIMEOUT`], [`DEFAULT_MAX_ATTEMPTS`]
-    /// attempts with backoff from 20 ms to 1 s, `TCP_NODELAY` on, request coalescing off
-    /// ([`coalesce`](RedisReservationsBuilder::coalesce)).
+    /// attempts with backoff from 20 ms to 1 s, `TCP_NODELAY` on, request coalescing on
+    /// ([`coalesce`](RedisReservationsBuilder::coalesce)) with [`DEFAULT_MAX_BATCH`] and
+    /// [`DEFAULT_BATCHES_IN_FLIGHT`].
     pub fn builder(url: impl IntoConnectionInfo) -> RedisReservationsBuilder {
         RedisReservationsBuilder::new(Target::Info(url.into_connection_info()))
     }
@@ -838,27 +843,37 @@ impl ReservationStore for RedisReservations {
         }
         let span = tracing::debug_span!("reservation.reap_expired", batch);
         async {
-            // The due ids first, then each hold expired by its own script with its keys
-            // declared (concurrently: one multiplexed connection pipelines them).
-            let mut inv = self.inner.scripts.due.key(&self.inner.expiries_key);
-            inv.arg(batch);
-            let due = array(self.invoke("due", &inv).await?)?;
-            let ids = (0..due.len())
-                .map(|i| text(due.get(i)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let results =
-                futures::future::join_all(ids.iter().map(|id| self.settle(id, "expire"))).await;
+            // Due ids, then each hold expired by its own settlement with its keys declared
+            // (concurrently: coalesced, or pipelined on the multiplexed connection). A
+            // group's ids stay indexed until its deadline even once confirmed or released,
+            // so a round may expire few of the ids it looks at: look on while `due` comes
+            // back full, up to `batch` expired holds in all (and at most REAP_ROUNDS rounds,
+            // which bounds one call's work).
             let mut reaped = 0;
             let mut first_error = None;
-            for (id, result) in ids.iter().zip(results) {
-                match result {
-                    Ok(Some((_, true))) => reaped += 1,
-                    Ok(_) => {}
-                    // One bad hold must not stop the others; it is tried again next sweep.
-                    Err(e) => {
-                        tracing::warn!(reservation_id = %id, error = %e, "cannot expire hold");
-                        first_error.get_or_insert(e);
+            for _ in 0..REAP_ROUNDS {
+                let wanted = batch - reaped;
+                let mut inv = self.inner.scripts.due.key(&self.inner.expiries_key);
+                inv.arg(wanted);
+                let due = array(self.invoke("due", &inv).await?)?;
+                let ids = (0..due.len())
+                    .map(|i| text(due.get(i)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let results =
+                    futures::future::join_all(ids.iter().map(|id| self.settle(id, "expire"))).await;
+                for (id, result) in ids.iter().zip(results) {
+                    match result {
+                        Ok(Some((_, true))) => reaped += 1,
+                        Ok(_) => {}
+                        // One bad hold must not stop the others; it is tried again next sweep.
+                        Err(e) => {
+                            tracing::warn!(reservation_id = %id, error = %e, "cannot expire hold");
+                            first_error.get_or_insert(e);
+                        }
                     }
+                }
+                if ids.len() < wanted || reaped >= batch || first_error.is_some() {
+                    break;
                 }
             }
             self.inner.instruments.expired(reaped);
