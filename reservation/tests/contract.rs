@@ -201,6 +201,16 @@ mod redis {
         holds.unwrap_or(0)
     }
 
+    /// Sweeps `times` times with batches of 100; returns how many holds were expired.
+    async fn sweep(store: &RedisReservations, times: usize) -> usize {
+        use eventful_reservation::ReservationStore;
+        let mut reaped = 0;
+        for _ in 0..times {
+            reaped += store.reap_expired(100).await.unwrap();
+        }
+        reaped
+    }
+
     /// Waits until `id` reads as expired (its deadline passed, by the server's clock).
     async fn until_expired(store: &RedisReservations, id: &str) {
         use eventful_reservation::{ReservationState, ReservationStore};
@@ -251,10 +261,7 @@ mod redis {
         assert!(settled.iter().all(Result::is_ok));
         assert_eq!(holds_counted(&redis, &store).await, 16);
         until_expired(&store, "h31").await;
-        let mut reaped = 0;
-        for _ in 0..20 {
-            reaped += store.reap_expired(100).await.unwrap();
-        }
+        let reaped = sweep(&store, 20).await;
         assert_eq!(reaped, 16);
         assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(90, 0, 10));
         assert_eq!(
@@ -356,10 +363,7 @@ mod redis {
             .unwrap();
         assert!(due.is_empty(), "still due: {due:?}");
         until_expired(&store, "y2").await;
-        let mut reaped = 0;
-        for _ in 0..10 {
-            reaped += store.reap_expired(100).await.unwrap();
-        }
+        let reaped = sweep(&store, 10).await;
         assert_eq!(reaped, 19);
         assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(84, 0, 16));
         assert_eq!(index_members(&redis, &store).await, 0);
