@@ -61,17 +61,7 @@ local first_call_arg, first_record_key = a, 3 + stock_count
 -- Whether a shape's declared stock keys are exactly its items' (checked once per shape).
 local function shape_keys_match(shape)
   if shape.keys_match == nil then
-    local ok, items = pcall(cjson.decode, shape.items_json)
-    local match = ok and type(items) == 'table' and shape.n == #items / 2
-    if match then
-      for i = 1, #items, 2 do
-        if KEYS[shape.key_at[(i + 1) / 2]] ~= stock_prefix .. items[i] then
-          match = false
-          break
-        end
-      end
-    end
-    shape.keys_match = match
+    shape.keys_match = keys_match(shape.key_at, shape.n, stock_prefix, shape.items_json)
   end
   return shape.keys_match
 end
@@ -296,10 +286,11 @@ local function reserve_entry(shape, res_key, id)
   change_index(id, shape.deadline)
   holds_change = holds_change + 1
   for i = 1, n do
-    local level = levels[KEYS[key_at[i]]]
+    local key = KEYS[key_at[i]]
+    local level = levels[key]
     level[1] = level[1] - qtys[i]
     level[2] = level[2] + qtys[i]
-    touch(KEYS[key_at[i]])
+    touch(key)
   end
   return shape.expires_at
 end

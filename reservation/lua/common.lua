@@ -88,15 +88,19 @@ local function corrupt_reply(sku, raw)
   return {'corrupt', sku, raw[1] or '0', raw[2] or '0', raw[3] or '0'}
 end
 
--- Whether the `n` keys KEYS[first], KEYS[first + 1], ... are exactly the stock keys of
--- `items_json`'s SKUs, in order (the client declares them from the same canonical list).
-local function keys_match(first, n, stock_prefix, items_json)
+-- Whether `n` declared keys are exactly the stock keys of `items_json`'s SKUs, in order
+-- (the client declares them from the same canonical list). `at` is the KEYS position of
+-- the first (the others follow it), or a table of the position of each (a batch declares
+-- each stock key once for all its calls).
+local function keys_match(at, n, stock_prefix, items_json)
   local ok, items = pcall(cjson.decode, items_json)
   if not ok or type(items) ~= 'table' or n ~= #items / 2 then
     return false
   end
+  local listed = type(at) == 'table'
   for i = 1, #items, 2 do
-    if KEYS[first + (i - 1) / 2] ~= stock_prefix .. items[i] then
+    local position = listed and at[(i + 1) / 2] or at + (i - 1) / 2
+    if KEYS[position] ~= stock_prefix .. items[i] then
       return false
     end
   end

@@ -2,8 +2,10 @@
 //! namespace go to Redis as one `batch.lua` invocation.
 //!
 //! One task per store drains a queue: it takes the first request, then whatever else is
-//! already queued (up to the batch limits), and sends that batch. While a batch is in
-//! flight the next one accumulates, so batches grow with the load by themselves. Before
+//! already queued (up to the batch limits), and sends that batch as its own task. Up to
+//! `batches_in_flight` batches run at once, each aiming at an even share of the calls in
+//! flight and queued; while they are in flight the next one accumulates, so batches grow
+//! with the load by themselves. Before
 //! sending, the task yields to the callers that are ready to run (those a batch just
 //! answered), so a closed loop of callers goes as one full batch. A lone call is sent after
 //! one yield, as the same single-call script a store without coalescing sends: nothing
@@ -312,15 +314,19 @@ type Shape<'a> = (&'static str, u64, &'a str);
 /// The `batch.lua` invocation of `batch`: the distinct stock keys and shapes once each,
 /// then each call as its shape number, reservation id and record key.
 fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvocation<'s> {
+    // Each distinct stock key with its position (1-based), and the keys in that order.
     let mut stock_keys: HashMap<&str, usize> = HashMap::new();
+    let mut stock_order: Vec<&str> = Vec::new();
     let mut shapes: HashMap<Shape<'_>, usize> = HashMap::new();
     let mut shape_entries: Vec<&Entry> = Vec::new();
     let mut call_shapes = Vec::with_capacity(batch.len());
     for request in batch {
         let entry = &*request.entry;
         for key in entry.keys.iter().skip(1) {
-            let next = stock_keys.len() + 1;
-            stock_keys.entry(key).or_insert(next);
+            stock_keys.entry(key).or_insert_with(|| {
+                stock_order.push(key);
+                stock_order.len()
+            });
         }
         let next = shape_entries.len() + 1;
         let shape = *shapes
@@ -333,9 +339,7 @@ fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvoca
     }
     let mut inv = context.script.key(&context.expiries_key);
     inv.key(&context.holds_key);
-    let mut by_position: Vec<(&str, usize)> = stock_keys.iter().map(|(k, i)| (*k, *i)).collect();
-    by_position.sort_unstable_by_key(|(_, i)| *i);
-    for (key, _) in &by_position {
+    for key in &stock_order {
         inv.key(*key);
     }
     for request in batch {
