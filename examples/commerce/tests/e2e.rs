@@ -29,17 +29,11 @@ fn history(order: &Value) -> Vec<String> {
 async fn notification_kinds(system: &System, order: Uuid, expected: usize) -> Vec<String> {
     let url = system.url("notification", &format!("/notifications?orderId={order}"));
     let fetch = || async {
-        let list: Value = system
-            .http
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let response = system.http.get(&url).send().await.unwrap();
+        let status = response.status();
+        let list: Value = response.json().await.unwrap();
         list.as_array()
-            .unwrap()
+            .unwrap_or_else(|| panic!("GET {url} answered {status} with {list}"))
             .iter()
             .map(|n| n["kind"].as_str().unwrap().to_owned())
             .collect::<Vec<_>>()
