@@ -3,17 +3,19 @@
 -- own reply. Coalescing sends one of these instead of one script per call.
 --
 -- Calls of a batch mostly repeat the same operation, ttl and items (a hot SKU), so the
--- batch sends each distinct (op, ttl, items) once, as a "shape", and each call as its
--- shape number and reservation id: a call costs the server one key and two arguments to
--- parse instead of a dozen.
+-- batch sends each distinct (op, ttl, items) once, as a "shape", and the calls as runs of
+-- one shape: a call costs the server one key to parse (its record; the id is the key's
+-- tail) instead of a dozen arguments.
 --
 -- KEYS[1] expiries zset, KEYS[2] holds counter, KEYS[3 .. 2 + s] the distinct stock hashes
 -- of the batch, then one reservation record per call (in call order).
 -- ARGV[1] retention ms, ARGV[2] stock key prefix, ARGV[3] s, ARGV[4] number of shapes,
--- ARGV[5] number of calls; then per shape: op (reserve|confirm|release|expire), ttl ms (0
--- for a settlement), items JSON (canonical; for a settlement the items the client read),
--- number of items n, then per item the position of its stock hash among the s (1-based)
--- and its quantity (0 for a settlement); then per call: its shape number, reservation id.
+-- ARGV[5] number of calls, ARGV[6] record key prefix (a call's id is its record key
+-- without it); then per shape: op (reserve|confirm|release|expire), ttl ms (0 for a
+-- settlement), items JSON (canonical; for a settlement the items the client read), number
+-- of items n, then per item the position of its stock hash among the s (1-based) and its
+-- quantity (0 for a settlement); then the number of runs, and per run its shape number
+-- and how many consecutive calls (in call order) are of that shape.
 -- Returns one reply per call, in order: a reserve's reply as reserve.lua, a settlement's
 -- as settle.lua, or {'error', message} if that call cannot be applied (foreign data
 -- under the key prefix): the other calls are not affected.
@@ -32,6 +34,8 @@ local expiries_key, holds_key = KEYS[1], KEYS[2]
 local retention = tonumber(ARGV[1])
 local stock_prefix = ARGV[2]
 local stock_count, shape_count, entries = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local record_prefix = ARGV[6]
+local record_prefix_len = string.len(record_prefix)
 local now = now_ms()
 
 -- Lua's unpack is limited to a few thousand values: bulk commands go in slices.
@@ -41,7 +45,7 @@ local SLICE = 1024
 
 -- Each: op, ttl, items_json, n, key_at (the KEYS positions of its stock hashes), qtys.
 local shapes = {}
-local a = 6
+local a = 7
 for s = 1, shape_count do
   local n = tonumber(ARGV[a + 3])
   local shape = {op = ARGV[a], ttl = tonumber(ARGV[a + 1]), items_json = ARGV[a + 2], n = n, key_at = {}, qtys = {}}
@@ -75,35 +79,26 @@ local records, foreign = {}, {}
 local record_keys, record_dirty, record_final = {}, {}, {}
 
 do
-  local res_keys, seen = {}, {}
-  for e = 1, entries do
-    local key = KEYS[first_record_key + e - 1]
-    if not seen[key] then
-      seen[key] = true
-      res_keys[#res_keys + 1] = key
-    end
-  end
-  local found = 0
-  for first = 1, #res_keys, SLICE do
-    local last = math.min(first + SLICE - 1, #res_keys)
-    local values = redis.call('MGET', unpack(res_keys, first, last))
+  -- A key named twice (one id called twice in a batch) is simply read twice.
+  local last_record_key = first_record_key + entries - 1
+  local found, existing = 0, 0
+  for first = first_record_key, last_record_key, SLICE do
+    local last = math.min(first + SLICE - 1, last_record_key)
+    local values = redis.call('MGET', unpack(KEYS, first, last))
     for i = first, last do
       local value = values[i - first + 1]
-      records[res_keys[i]] = value
+      records[KEYS[i]] = value
       if value then
         found = found + 1
       end
     end
-  end
-  -- MGET reads a key of another type as missing: count the keys that exist, and only if
-  -- some are not strings look for them one by one.
-  local existing = 0
-  for first = 1, #res_keys, SLICE do
-    local last = math.min(first + SLICE - 1, #res_keys)
-    existing = existing + redis.call('EXISTS', unpack(res_keys, first, last))
+    -- MGET reads a key of another type as missing: count the keys that exist, and only
+    -- if some are not strings look for them one by one.
+    existing = existing + redis.call('EXISTS', unpack(KEYS, first, last))
   end
   if existing > found then
-    for _, key in ipairs(res_keys) do
+    for i = first_record_key, last_record_key do
+      local key = KEYS[i]
       if not records[key] then
         local kind = redis.call('TYPE', key)
         foreign[key] = kind['ok'] ~= 'none'
@@ -230,6 +225,45 @@ local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of v
 
 -- ---- calls -----------------------------------------------------------------------------
 
+-- Whether every stock level of `shape` is read and holds its quantity: the common case
+-- of a reserve, which the calls loop then applies without reserve_entry's steps (the
+-- interpreter is most of a batch's cost).
+local function can_hold(shape)
+  local key_at, qtys = shape.key_at, shape.qtys
+  for i = 1, shape.n do
+    local level = levels[KEYS[key_at[i]]]
+    if type(level) ~= 'table' or level[1] < qtys[i] then
+      return false
+    end
+  end
+  return true
+end
+
+-- Records a hold of `shape` on `res_key`, which has no record (nor one written by this
+-- batch), and moves the (cached) stock; every level is known to suffice. Every hold of a
+-- shape has the same deadline and the same stored record.
+local function record_hold(shape, res_key, id)
+  if not shape.held_record then
+    shape.expires_at = now + shape.ttl
+    shape.deadline = deadline_text(shape.expires_at)
+    shape.held_record = 'held:' .. shape.deadline .. ':' .. shape.items_json
+  end
+  record_dirty[res_key] = true
+  record_keys[#record_keys + 1] = res_key
+  records[res_key] = shape.held_record
+  change_index(id, shape.deadline)
+  holds_change = holds_change + 1
+  local key_at, qtys = shape.key_at, shape.qtys
+  for i = 1, shape.n do
+    local key = KEYS[key_at[i]]
+    local level = levels[key]
+    level[1] = level[1] - qtys[i]
+    level[2] = level[2] + qtys[i]
+    touch(key)
+  end
+  return shape.expires_at
+end
+
 -- One reserve of `shape` (its items, quantities and ttl) on record `res_key`.
 local function reserve_entry(shape, res_key, id)
   if foreign[res_key] then
@@ -275,24 +309,7 @@ local function reserve_entry(shape, res_key, id)
       return {'insufficient', sku, qty, level[1]}
     end
   end
-  -- ... then record the hold and move the (cached) stock. Every hold of a shape has the
-  -- same deadline and the same stored record.
-  if not shape.held_record then
-    shape.expires_at = now + shape.ttl
-    shape.deadline = deadline_text(shape.expires_at)
-    shape.held_record = 'held:' .. shape.deadline .. ':' .. items_json
-  end
-  write_record(res_key, shape.held_record, false)
-  change_index(id, shape.deadline)
-  holds_change = holds_change + 1
-  for i = 1, n do
-    local key = KEYS[key_at[i]]
-    local level = levels[key]
-    level[1] = level[1] - qtys[i]
-    level[2] = level[2] + qtys[i]
-    touch(key)
-  end
-  return shape.expires_at
+  return record_hold(shape, res_key, id)
 end
 
 -- One settlement (as settle.lua) of record `res_key`: `shape` holds the action and the
@@ -347,16 +364,41 @@ local function error_text(e)
   return tostring(e)
 end
 
+local runs, run_calls = tonumber(ARGV[first_call_arg]) or 0, 0
+for r = 1, runs do
+  local length = tonumber(ARGV[first_call_arg + 2 * r]) or 0
+  if length < 1 then
+    return redis.error_reply('batch: an empty run')
+  end
+  run_calls = run_calls + length
+end
+if run_calls ~= entries then
+  return redis.error_reply('batch: the runs do not add up to the calls')
+end
+
 local replies = {}
+local run_shape, run_left, run_at = nil, 0, first_call_arg + 1
 for e = 1, entries do
-  local shape = shapes[tonumber(ARGV[first_call_arg + 2 * (e - 1)])]
-  local id = ARGV[first_call_arg + 2 * e - 1]
+  if run_left == 0 then
+    run_shape = shapes[tonumber(ARGV[run_at])]
+    run_left = tonumber(ARGV[run_at + 1])
+    run_at = run_at + 2
+  end
+  run_left = run_left - 1
+  local shape = run_shape
   local res_key = KEYS[first_record_key + e - 1]
+  local id = string.sub(res_key, record_prefix_len + 1)
   local ok, reply
   if not shape then
     ok, reply = false, 'batch: a call of an unknown shape'
   elseif shape.op == 'reserve' then
-    ok, reply = pcall(reserve_entry, shape, res_key, id)
+    -- Reading a level can raise (foreign data): a reserve whose levels are not read yet
+    -- goes to reserve_entry, under pcall.
+    if records[res_key] == false and not foreign[res_key] and can_hold(shape) then
+      ok, reply = true, record_hold(shape, res_key, id)
+    else
+      ok, reply = pcall(reserve_entry, shape, res_key, id)
+    end
   else
     ok, reply = pcall(settle_entry, shape, res_key, id)
   end

@@ -31,7 +31,8 @@
 //! coalesced ([`coalesce`](RedisReservationsBuilder::coalesce), on by default): while a
 //! batch is in flight the next calls queue, and go to Redis together as one script
 //! invocation that applies each call in order with its own semantics and its own result.
-//! The batch sends each distinct (operation, ttl, items) once and each call as its id; it
+//! The batch sends each distinct (operation, ttl, items) once and each call as its record
+//! key (runs of calls of one shape as a count); it
 //! reads every record it needs with one `MGET` and writes them with one `MSET` (records
 //! are strings for that reason), each stock hash once, and indexes the holds it makes with
 //! one deadline as one member of the expiry index. A lone call is sent at once, as the

@@ -192,7 +192,7 @@ async fn serial_closed_loop_callers_go_as_full_batches() {
     );
 }
 
-/// 64 callers in a closed loop with two batch slots (the default): each batch aims at half
+/// 64 callers in a closed loop with two batch slots: each batch aims at half
 /// the demand, so the loop settles into two batches of about 32 that overlap (the server
 /// runs one while the client answers the other's callers), not one batch of 64 that
 /// leaves the server idle while its callers are answered, nor a trickle of small batches.

@@ -114,6 +114,8 @@ pub(crate) struct Context {
     pub(crate) expiries_key: String,
     pub(crate) holds_key: String,
     pub(crate) stock_prefix: String,
+    /// The prefix of the record keys: a call's id is its record key without it.
+    pub(crate) res_prefix: String,
     pub(crate) retention_ms: u64,
     instruments: super::Instruments,
     next: AtomicUsize,
@@ -126,6 +128,7 @@ impl Context {
         expiries_key: String,
         holds_key: String,
         stock_prefix: String,
+        res_prefix: String,
         retention_ms: u64,
         instruments: super::Instruments,
     ) -> Self {
@@ -138,6 +141,7 @@ impl Context {
             expiries_key,
             holds_key,
             stock_prefix,
+            res_prefix,
             retention_ms,
             next: AtomicUsize::new(0),
         }
@@ -312,14 +316,15 @@ async fn answer(context: &Context, mut batch: Vec<Request>) {
 type Shape<'a> = (&'static str, u64, &'a str);
 
 /// The `batch.lua` invocation of `batch`: the distinct stock keys and shapes once each,
-/// then each call as its shape number, reservation id and record key.
+/// then each call as its record key, and the calls' shapes as runs of consecutive calls.
 fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvocation<'s> {
     // Each distinct stock key with its position (1-based), and the keys in that order.
     let mut stock_keys: HashMap<&str, usize> = HashMap::new();
     let mut stock_order: Vec<&str> = Vec::new();
     let mut shapes: HashMap<Shape<'_>, usize> = HashMap::new();
     let mut shape_entries: Vec<&Entry> = Vec::new();
-    let mut call_shapes = Vec::with_capacity(batch.len());
+    // Consecutive calls of one shape: (shape number, calls).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
     for request in batch {
         let entry = &*request.entry;
         for key in entry.keys.iter().skip(1) {
@@ -335,7 +340,10 @@ fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvoca
                 shape_entries.push(entry);
                 next
             });
-        call_shapes.push(shape);
+        match runs.last_mut() {
+            Some((last, calls)) if *last == shape => *calls += 1,
+            _ => runs.push((shape, 1)),
+        }
     }
     let mut inv = context.script.key(&context.expiries_key);
     inv.key(&context.holds_key);
@@ -351,7 +359,8 @@ fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvoca
         .arg(&context.stock_prefix)
         .arg(stock_keys.len())
         .arg(shape_entries.len())
-        .arg(batch.len());
+        .arg(batch.len())
+        .arg(&context.res_prefix);
     for entry in &shape_entries {
         let items = entry.keys.len().saturating_sub(1);
         inv.arg(entry.op)
@@ -363,8 +372,9 @@ fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvoca
                 .arg(entry.qtys.get(i).copied().unwrap_or(0));
         }
     }
-    for (request, shape) in batch.iter().zip(call_shapes) {
-        inv.arg(shape).arg(&request.entry.id);
+    inv.arg(runs.len());
+    for (shape, calls) in runs {
+        inv.arg(shape).arg(calls);
     }
     inv
 }

@@ -41,7 +41,7 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
 /// Default largest number of calls coalesced into one script invocation.
 pub const DEFAULT_MAX_BATCH: usize = 128;
 /// Default number of coalesced batches a store keeps in flight at once.
-pub const DEFAULT_BATCHES_IN_FLIGHT: usize = 2;
+pub const DEFAULT_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Rounds of `due` one `reap_expired` call makes at most, while rounds come back full of
 /// holds already final (see `reap_expired`).
@@ -432,8 +432,8 @@ impl RedisReservationsBuilder {
     }
 
     /// Coalesced batches in flight at once (default [`DEFAULT_BATCHES_IN_FLIGHT`]). Each
-    /// batch aims at an even share of the calls in flight and queued (at least 32), so with
-    /// two a closed loop of 64 callers goes as two overlapping batches of 32: Redis runs one
+    /// batch aims at an even share of the calls in flight and queued (at least 32), so a
+    /// closed loop of 64 callers goes as overlapping batches of about 32: Redis runs one
     /// while the client answers the other's callers. 1 sends one batch at a time.
     pub fn batches_in_flight(mut self, batches: usize) -> Self {
         self.batches_in_flight = batches.max(1);
@@ -510,6 +510,7 @@ impl RedisReservationsBuilder {
                     format!("{base}expiries"),
                     format!("{base}holds"),
                     format!("{base}stock:"),
+                    format!("{base}res:"),
                     retention_ms,
                     instruments.clone(),
                 ),

@@ -73,9 +73,10 @@ mod tests {
     ];
     /// Names the scripts give to keys; each must be bound from `KEYS` only.
     const KEY_NAMES: [&str; 5] = ["key", "res_key", "expiries_key", "holds_key", "m[1]"];
-    /// Tables of keys batch.lua passes to bulk commands (`MGET`, `EXISTS`, `MSET`): filled
-    /// only with names from [`KEY_NAMES`] (and, for `MSET`, their values).
-    const KEY_TABLES: [&str; 2] = ["res_keys", "held"];
+    /// Tables of keys batch.lua passes to bulk commands (`MGET`, `EXISTS`, `MSET`): `KEYS`
+    /// itself (a slice of it), or a table filled only with names from [`KEY_NAMES`] (and,
+    /// for `MSET`, their values).
+    const KEY_TABLES: [&str; 2] = ["KEYS", "held"];
 
     /// The strings scripts build by concatenation, all values (an index member, a
     /// record), never keys.
