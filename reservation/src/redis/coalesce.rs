@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::scripts::Scripts;
-use super::RedisConnection;
+use super::{KeyNames, RedisConnection};
 use crate::Error;
 
 /// The most keys one batch declares, counted as if each call declared its reservation key
@@ -111,11 +111,7 @@ pub(crate) struct Context {
     pub(crate) script: Script,
     pub(crate) reserve: Script,
     pub(crate) settle: Script,
-    pub(crate) expiries_key: String,
-    pub(crate) holds_key: String,
-    pub(crate) stock_prefix: String,
-    /// The prefix of the record keys: a call's id is its record key without it.
-    pub(crate) res_prefix: String,
+    pub(crate) keys: KeyNames,
     pub(crate) retention_ms: u64,
     instruments: super::Instruments,
     next: AtomicUsize,
@@ -125,10 +121,7 @@ impl Context {
     pub(crate) fn new(
         conns: Arc<[RedisConnection]>,
         scripts: &Scripts,
-        expiries_key: String,
-        holds_key: String,
-        stock_prefix: String,
-        res_prefix: String,
+        keys: KeyNames,
         retention_ms: u64,
         instruments: super::Instruments,
     ) -> Self {
@@ -138,10 +131,7 @@ impl Context {
             script: scripts.batch.clone(),
             reserve: scripts.reserve.clone(),
             settle: scripts.settle.clone(),
-            expiries_key,
-            holds_key,
-            stock_prefix,
-            res_prefix,
+            keys,
             retention_ms,
             next: AtomicUsize::new(0),
         }
@@ -264,10 +254,10 @@ async fn answer(context: &Context, mut batch: Vec<Request>) {
             let result = match request.entry.single(
                 &context.reserve,
                 &context.settle,
-                &context.expiries_key,
-                &context.holds_key,
+                &context.keys.expiries_key,
+                &context.keys.holds_key,
                 context.retention_ms,
-                &context.stock_prefix,
+                &context.keys.stock_prefix,
             ) {
                 Ok(inv) => {
                     let mut conn = context.connection();
@@ -345,8 +335,8 @@ fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvoca
             _ => runs.push((shape, 1)),
         }
     }
-    let mut inv = context.script.key(&context.expiries_key);
-    inv.key(&context.holds_key);
+    let mut inv = context.script.key(&context.keys.expiries_key);
+    inv.key(&context.keys.holds_key);
     for key in &stock_order {
         inv.key(*key);
     }
@@ -356,11 +346,11 @@ fn batch_invocation<'s>(context: &'s Context, batch: &[Request]) -> ScriptInvoca
         }
     }
     inv.arg(context.retention_ms)
-        .arg(&context.stock_prefix)
+        .arg(&context.keys.stock_prefix)
         .arg(stock_keys.len())
         .arg(shape_entries.len())
         .arg(batch.len())
-        .arg(&context.res_prefix);
+        .arg(&context.keys.res_prefix);
     for entry in &shape_entries {
         let items = entry.keys.len().saturating_sub(1);
         inv.arg(entry.op)

@@ -62,15 +62,35 @@ pub struct RedisReservations {
     inner: Arc<Inner>,
 }
 
+/// The keys of one namespace (see the key layout in `lua/common.lua`).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyNames {
+    /// `<prefix>{<namespace>}:stock:`, followed by a SKU.
+    pub(crate) stock_prefix: String,
+    /// `<prefix>{<namespace>}:res:`, followed by a reservation id.
+    pub(crate) res_prefix: String,
+    pub(crate) expiries_key: String,
+    pub(crate) holds_key: String,
+}
+
+impl KeyNames {
+    /// The keys under `base`, `<prefix>{<namespace>}:`.
+    fn new(base: &str) -> Self {
+        Self {
+            stock_prefix: format!("{base}stock:"),
+            res_prefix: format!("{base}res:"),
+            expiries_key: format!("{base}expiries"),
+            holds_key: format!("{base}holds"),
+        }
+    }
+}
+
 struct Inner {
     /// `None` with coalescing off: every call is its own script invocation.
     coalescer: Option<Coalescer>,
     next: std::sync::atomic::AtomicUsize,
     scripts: Scripts,
-    stock_prefix: String,
-    res_prefix: String,
-    expiries_key: String,
-    holds_key: String,
+    keys: KeyNames,
     retention_ms: u64,
     max_attempts: u32,
     retry_backoff: Backoff,
@@ -80,7 +100,7 @@ struct Inner {
 impl std::fmt::Debug for RedisReservations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisReservations")
-            .field("stock_prefix", &self.inner.stock_prefix)
+            .field("stock_prefix", &self.inner.keys.stock_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -157,22 +177,22 @@ impl RedisReservations {
 
     /// The key of a SKU's stock hash (`<prefix>{<namespace>}:stock:<sku>`).
     pub fn stock_key(&self, sku: &str) -> String {
-        format!("{}{sku}", self.inner.stock_prefix)
+        format!("{}{sku}", self.inner.keys.stock_prefix)
     }
 
     /// The key of a reservation's record, a string (`<prefix>{<namespace>}:res:<id>`).
     pub fn reservation_key(&self, reservation_id: &str) -> String {
-        format!("{}{reservation_id}", self.inner.res_prefix)
+        format!("{}{reservation_id}", self.inner.keys.res_prefix)
     }
 
     /// The key of the sorted set of deadlines (`<prefix>{<namespace>}:expiries`).
     pub fn expiries_key(&self) -> &str {
-        &self.inner.expiries_key
+        &self.inner.keys.expiries_key
     }
 
     /// The key of the number of holds not yet final (`<prefix>{<namespace>}:holds`).
     pub fn holds_key(&self) -> &str {
-        &self.inner.holds_key
+        &self.inner.keys.holds_key
     }
 
     /// The connection the next call will use (round-robin over
@@ -304,10 +324,10 @@ impl RedisReservations {
         let inv = entry.single(
             &self.inner.scripts.reserve,
             &self.inner.scripts.settle,
-            &self.inner.expiries_key,
-            &self.inner.holds_key,
+            &self.inner.keys.expiries_key,
+            &self.inner.keys.holds_key,
             self.inner.retention_ms,
-            &self.inner.stock_prefix,
+            &self.inner.keys.stock_prefix,
         )?;
         self.invoke_with(entry.op, &inv, 1).await
     }
@@ -501,16 +521,14 @@ impl RedisReservationsBuilder {
             .unwrap_or(u64::MAX)
             .max(1);
         let scripts = Scripts::new();
+        let keys = KeyNames::new(&base);
         let instruments = Instruments::new(&self.namespace);
         let coalescer = self.coalesce.then(|| {
             Coalescer::spawn(
                 coalesce::Context::new(
                     conns.clone(),
                     &scripts,
-                    format!("{base}expiries"),
-                    format!("{base}holds"),
-                    format!("{base}stock:"),
-                    format!("{base}res:"),
+                    keys.clone(),
                     retention_ms,
                     instruments.clone(),
                 ),
@@ -524,10 +542,7 @@ impl RedisReservationsBuilder {
                 coalescer,
                 next: std::sync::atomic::AtomicUsize::new(0),
                 scripts,
-                stock_prefix: format!("{base}stock:"),
-                res_prefix: format!("{base}res:"),
-                expiries_key: format!("{base}expiries"),
-                holds_key: format!("{base}holds"),
+                keys,
                 retention_ms,
                 max_attempts: self.max_attempts,
                 retry_backoff: self.retry_backoff,
@@ -855,7 +870,7 @@ impl ReservationStore for RedisReservations {
             let mut first_error = None;
             for _ in 0..REAP_ROUNDS {
                 let wanted = batch - reaped;
-                let mut inv = self.inner.scripts.due.key(&self.inner.expiries_key);
+                let mut inv = self.inner.scripts.due.key(&self.inner.keys.expiries_key);
                 inv.arg(wanted);
                 let due = array(self.invoke("due", &inv).await?)?;
                 let ids = (0..due.len())
@@ -882,7 +897,7 @@ impl ReservationStore for RedisReservations {
             if self.inner.instruments.wants_active_holds() {
                 // One GET per sweep keeps the gauge as fresh as the reaper's interval.
                 let mut cmd = redis::cmd("GET");
-                cmd.arg(&self.inner.holds_key);
+                cmd.arg(&self.inner.keys.holds_key);
                 match self.query::<Option<u64>>(&cmd).await {
                     Ok(holds) => self.inner.instruments.active_holds(holds.unwrap_or(0)),
                     Err(e) => tracing::debug!(error = %e, "counting active holds failed"),
