@@ -386,3 +386,84 @@ async fn serial_restart_mid_batch_answers_every_caller() {
         "the store works after the restart"
     );
 }
+
+/// `batch.lua` called directly with `calls` reserves of ids `ids` on `store`'s keys: two
+/// shapes (1 and 2 units of `a`) and the calls' shapes as `runs` of (shape, calls).
+async fn raw_batch(
+    server: &RedisServer,
+    store: &RedisReservations,
+    ids: &[&str],
+    runs: &[(u64, u64)],
+) -> redis::RedisResult<redis::Value> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(eventful_reservation::redis::batch_script_source())
+        .arg(3 + ids.len())
+        .arg(store.expiries_key())
+        .arg(store.holds_key())
+        .arg(store.stock_key("a"));
+    for id in ids {
+        cmd.arg(store.reservation_key(id));
+    }
+    cmd.arg(HOUR.as_millis() as u64)
+        .arg(store.stock_key(""))
+        .arg(1)
+        .arg(2)
+        .arg(ids.len())
+        .arg(store.reservation_key(""));
+    for qty in [1, 2] {
+        cmd.arg("reserve")
+            .arg(HOUR.as_millis() as u64)
+            .arg(format!("[\"a\",\"{qty}\"]"))
+            .arg(1)
+            .arg(1)
+            .arg(qty);
+    }
+    cmd.arg(runs.len());
+    for (shape, calls) in runs {
+        cmd.arg(*shape).arg(*calls);
+    }
+    cmd.query_async(&mut admin(server).await).await
+}
+
+/// The batch script's runs: calls of interleaved shapes each get their own shape, and runs
+/// that do not describe the calls exactly (short, empty) refuse the batch whole, before
+/// anything is written.
+#[tokio::test]
+async fn batch_runs_give_each_call_its_shape_and_bad_runs_change_nothing() {
+    init_tracing();
+    let server = RedisServer::start().await;
+    let store = RedisReservations::builder(server.url().as_str())
+        .namespace("runs")
+        .connect()
+        .await
+        .unwrap();
+    store.set_stock("a", 10).await.unwrap();
+
+    let replies = raw_batch(&server, &store, &["x", "y", "z"], &[(1, 1), (2, 1), (1, 1)])
+        .await
+        .unwrap();
+    let redis::Value::Array(replies) = replies else {
+        panic!("not one reply per call: {replies:?}");
+    };
+    assert_eq!(replies.len(), 3);
+    for (id, qty) in [("x", 1), ("y", 2), ("z", 1)] {
+        let held = store.reservation(id).await.unwrap().unwrap();
+        assert_eq!(held.state, ReservationState::Held, "{id}");
+        assert_eq!(held.items, vec![("a".to_owned(), qty)], "{id}");
+    }
+    assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(6, 4, 0));
+
+    for (runs, message) in [
+        (vec![(1, 2)], "the runs do not add up to the calls"),
+        (vec![(1, 0), (2, 3)], "an empty run"),
+        (vec![(1, 2), (2, 2)], "the runs do not add up to the calls"),
+    ] {
+        let refused = raw_batch(&server, &store, &["p", "q", "r"], &runs).await;
+        let error = refused.expect_err("malformed runs were applied");
+        assert!(error.to_string().contains(message), "{runs:?}: {error}");
+        for id in ["p", "q", "r"] {
+            assert_eq!(store.reservation(id).await.unwrap(), None, "{runs:?}: {id}");
+        }
+        assert_eq!(store.stock("a").await.unwrap(), StockLevel::new(6, 4, 0));
+    }
+}

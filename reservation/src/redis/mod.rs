@@ -6,7 +6,7 @@ mod metrics;
 mod scripts;
 
 pub use connection::RedisConnection;
-pub use scripts::reserve_script_source;
+pub use scripts::{batch_script_source, reserve_script_source};
 
 use std::sync::Arc;
 use std::time::Duration;

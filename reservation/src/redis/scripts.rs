@@ -55,6 +55,15 @@ pub fn reserve_script_source() -> &'static str {
     )
 }
 
+/// The source of the batch script (`lua/batch.lua`: its wire format is described at its
+/// top) exactly as sent to Redis, for tools and tests that call it directly.
+pub fn batch_script_source() -> &'static str {
+    concat!(
+        include_str!("../../lua/common.lua"),
+        include_str!("../../lua/batch.lua")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     /// Every script file, as sent (each prefixed with `common.lua`).
