@@ -239,18 +239,16 @@ local function can_hold(shape)
   return true
 end
 
--- Records a hold of `shape` on `res_key`, which has no record (nor one written by this
--- batch), and moves the (cached) stock; every level is known to suffice. Every hold of a
--- shape has the same deadline and the same stored record.
+-- Records a hold of `shape` on `res_key`, which has no record, and moves the (cached)
+-- stock; every level is known to suffice. Every hold of a shape has the same deadline and
+-- the same stored record.
 local function record_hold(shape, res_key, id)
   if not shape.held_record then
     shape.expires_at = now + shape.ttl
     shape.deadline = deadline_text(shape.expires_at)
     shape.held_record = 'held:' .. shape.deadline .. ':' .. shape.items_json
   end
-  record_dirty[res_key] = true
-  record_keys[#record_keys + 1] = res_key
-  records[res_key] = shape.held_record
+  write_record(res_key, shape.held_record, false)
   change_index(id, shape.deadline)
   holds_change = holds_change + 1
   local key_at, qtys = shape.key_at, shape.qtys

@@ -69,10 +69,8 @@ impl Entry {
         &self,
         reserve: &'s Script,
         settle: &'s Script,
-        expiries_key: &str,
-        holds_key: &str,
+        keys: &KeyNames,
         retention_ms: u64,
-        stock_prefix: &str,
     ) -> Result<ScriptInvocation<'s>, Error> {
         let (reservation_key, stock_keys) = self
             .keys
@@ -80,7 +78,7 @@ impl Entry {
             .ok_or_else(|| Error::Protocol("a call without keys".to_owned()))?;
         let reserving = self.op == "reserve";
         let mut inv = if reserving { reserve } else { settle }.key(reservation_key);
-        inv.key(expiries_key).key(holds_key);
+        inv.key(&keys.expiries_key).key(&keys.holds_key);
         for key in stock_keys {
             inv.key(key);
         }
@@ -91,7 +89,7 @@ impl Entry {
             inv.arg(self.op);
         }
         inv.arg(retention_ms)
-            .arg(stock_prefix)
+            .arg(&keys.stock_prefix)
             .arg(&self.items_json);
         for qty in &self.qtys {
             inv.arg(*qty);
@@ -254,10 +252,8 @@ async fn answer(context: &Context, mut batch: Vec<Request>) {
             let result = match request.entry.single(
                 &context.reserve,
                 &context.settle,
-                &context.keys.expiries_key,
-                &context.keys.holds_key,
+                &context.keys,
                 context.retention_ms,
-                &context.keys.stock_prefix,
             ) {
                 Ok(inv) => {
                     let mut conn = context.connection();

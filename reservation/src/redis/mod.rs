@@ -324,10 +324,8 @@ impl RedisReservations {
         let inv = entry.single(
             &self.inner.scripts.reserve,
             &self.inner.scripts.settle,
-            &self.inner.keys.expiries_key,
-            &self.inner.keys.holds_key,
+            &self.inner.keys,
             self.inner.retention_ms,
-            &self.inner.keys.stock_prefix,
         )?;
         self.invoke_with(entry.op, &inv, 1).await
     }
@@ -432,9 +430,9 @@ impl RedisReservationsBuilder {
 
     /// Coalesce concurrent reserve / confirm / release / expire calls of this store into
     /// one script invocation per batch (default on: on the 2-core development VM it is
-    /// 2.4–2.8× one script per call at 64 calls in flight on one namespace, 1.15–1.25× at
-    /// 16, and costs a caller that is alone 7–23%, the hop through the batch task; see the
-    /// crate README). Each call keeps
+    /// 2.8–3.0× one script per call at 64 calls in flight on one namespace, 1.1–1.25× at
+    /// 16, and costs a caller that is alone up to about a fifth, the hop through the batch
+    /// task; see the crate README). Each call keeps
     /// its own semantics and its own result; a lone call is sent at once (no timer) as the
     /// single-call script, concurrent calls go together in the next batch. Off, every call
     /// is its own script invocation.

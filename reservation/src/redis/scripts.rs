@@ -10,12 +10,19 @@
 
 use redis::Script;
 
-macro_rules! script {
+/// A script's source as sent: `lua/common.lua`, then the script's own file.
+macro_rules! source {
     ($file:literal) => {
-        Script::new(concat!(
+        concat!(
             include_str!("../../lua/common.lua"),
             include_str!(concat!("../../lua/", $file))
-        ))
+        )
+    };
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(source!($file))
     };
 }
 
@@ -49,19 +56,13 @@ impl Scripts {
 /// The source of the reserve script exactly as sent to Redis (for `SCRIPT LOAD` in
 /// benchmarks and tools).
 pub fn reserve_script_source() -> &'static str {
-    concat!(
-        include_str!("../../lua/common.lua"),
-        include_str!("../../lua/reserve.lua")
-    )
+    source!("reserve.lua")
 }
 
 /// The source of the batch script (`lua/batch.lua`: its wire format is described at its
 /// top) exactly as sent to Redis, for tools and tests that call it directly.
 pub fn batch_script_source() -> &'static str {
-    concat!(
-        include_str!("../../lua/common.lua"),
-        include_str!("../../lua/batch.lua")
-    )
+    source!("batch.lua")
 }
 
 #[cfg(test)]
