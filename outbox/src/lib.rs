@@ -55,6 +55,16 @@
 //! stay pending and are sent after it. A parked event blocks only its own key; other keys
 //! flow. [`Outbox::parked`] lists parked events, [`Outbox::redrive`] re-queues them.
 //!
+//! **Overlap under a backlog.** When a fetch returns a full batch, the relay fetches and
+//! publishes the next batch while it marks this one. That fetch leaves out the rows being
+//! marked and the keys whose publish just failed (their retry is still being recorded). If
+//! the mark leaves rows of some keys pending (it failed, or rows could not be marked), the
+//! batch published meanwhile is marked without its rows of those keys, and the relay fetches
+//! again only once nothing is in flight: those keys go out again from their oldest pending
+//! event, so the last message of each key on the topic is still its latest event. Below a
+//! full batch the rounds stay serial: at a steady rate the extra fetches cost more latency
+//! than the overlap saves.
+//!
 //! **Batches.** The Kafka publisher sends a batch in waves: each wave sends the oldest unsent
 //! event of every key at once and awaits the delivery reports; a key's next event goes out
 //! in the next wave, and only if this one was delivered. So a failed event is never
@@ -88,6 +98,7 @@
 //! |---|---|
 //! | Caller's transaction rolls back | Its events vanish with it. |
 //! | Relay crashes before marking | Rows stay pending; re-published by the next owner (duplicates). |
+//! | A mark fails while the next batch was published (backlog) | Neither batch's rows of the failed keys are marked; both go out again, in order, after the error backoff. |
 //! | Relay crashes holding leases | Partitions idle for at most ~`ttl + ttl/4`, then taken over. |
 //! | Broker down / slow | Deliveries time out (`message.timeout.ms`), events back off per key (100 ms … 30 s, jitter), the producer is replaced, the table grows, everything drains in order later. |
 //! | One event always fails | Parked after `max_attempts` (default 20); only its key waits; re-drive with [`Outbox::redrive`]. |

@@ -172,12 +172,14 @@ impl Sql {
             // in seq order and stop at the limit instead of sorting every pending row),
             // excluding every row whose key has an earlier-or-same pending row that is parked
             // or waiting for its next attempt (head-of-key). The key is compared through its
-            // hash first: that is what the index of failing rows holds (migration 0002).
+            // hash first: that is what the index of failing rows holds (migration 0002). The
+            // rows $4 (a batch being marked) and the keys $5 (its failed keys) are left out.
             fetch: format!(
                 "SELECT o.seq, o.id, o.topic, o.key, o.event_type, o.payload, o.content_type, \
                         o.headers::text AS headers, o.created_at, o.attempts \
                  FROM {t} o \
                  WHERE o.published_at IS NULL \
+                   AND o.seq <> ALL($4::bigint[]) AND o.key <> ALL($5::text[]) \
                    AND o.partition = ANY(ARRAY \
                      (SELECT l.partition FROM {leases} l \
                       WHERE l.owner = $1 AND l.expires_at > now() + $2::float8 * interval '1 millisecond')) \

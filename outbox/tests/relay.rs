@@ -625,3 +625,174 @@ async fn listen_failing_at_start_is_retried() {
     cancel.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// With a backlog the relay marks a batch while it publishes the next one. When that mark
+/// fails, the next batch (later events of the same keys, already sent) must not be marked
+/// either: otherwise the failed batch goes out again *after* it, and a consumer keeping the
+/// last event of each key ends with a stale one. Here the first mark of the first batch fails
+/// (a retryable error raised by a trigger, once); every key's last published event must be
+/// its latest, and the first occurrences must be in commit order.
+#[tokio::test]
+async fn a_failed_mark_during_a_backlog_never_leaves_an_older_event_last_on_its_key() {
+    let (db, outbox) = common::setup().await;
+    let keys = 5;
+    let per_key = 4;
+    let mut expected: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
+    for round in 0..per_key {
+        for k in 0..keys {
+            let key = format!("k{k}");
+            let id = record(&db, &outbox, &key, &format!("{key}#{round}")).await;
+            expected.entry(key).or_default().push(id);
+        }
+    }
+    // The first batch (batch_size 10) is the ten oldest rows.
+    let first_batch_last_seq: i64 =
+        sqlx::query_scalar("SELECT seq FROM eventful_outbox ORDER BY seq OFFSET 9 LIMIT 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // `nextval` survives the rollback of the failing statement: it fails exactly once.
+    sqlx::query("CREATE SEQUENCE mark_failures")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "CREATE FUNCTION fail_first_mark() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF OLD.seq <= {first_batch_last_seq} AND nextval('mark_failures') = 1 THEN \
+             RAISE EXCEPTION 'mark lost' USING ERRCODE = '40001'; \
+           END IF; \
+           RETURN NEW; \
+         END $$"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER fail_first_mark BEFORE UPDATE ON eventful_outbox FOR EACH ROW \
+         WHEN (OLD.published_at IS NULL AND NEW.published_at IS NOT NULL) \
+         EXECUTE FUNCTION fail_first_mark()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let publisher = InMemoryPublisher::new();
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .batch_size(10)
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "every event is marked published",
+        Duration::from_secs(20),
+        || async { common::published_count(&db).await == (keys * per_key) as i64 },
+    )
+    .await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+
+    let failures: i64 = sqlx::query_scalar("SELECT last_value FROM mark_failures")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(failures >= 1, "the first batch's mark was never attempted");
+    let messages = publisher.messages();
+    assert!(
+        messages.len() > keys * per_key,
+        "the failed batch was not published again ({} messages)",
+        messages.len()
+    );
+    let mut firsts: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
+    let mut last: std::collections::HashMap<String, Uuid> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    for m in &messages {
+        if seen.insert(m.event_id) {
+            firsts.entry(m.key.clone()).or_default().push(m.event_id);
+        }
+        last.insert(m.key.clone(), m.event_id);
+    }
+    for (key, ids) in &expected {
+        assert_eq!(
+            firsts.get(key),
+            Some(ids),
+            "key {key}: first occurrences out of commit order"
+        );
+        assert_eq!(
+            last.get(key),
+            ids.last(),
+            "key {key}: the last message on the topic is not its latest event"
+        );
+    }
+}
+
+/// Draining a backlog with overlapping rounds (a batch is marked while the next one is
+/// published): every event goes out exactly once, and an event whose publish fails is not
+/// overtaken by a later event of its key fetched while its failure was being recorded.
+#[tokio::test]
+async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (db, outbox) = common::setup().await;
+    let mut expected: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let key = format!("k{}", i % 7);
+        let id = record(&db, &outbox, &key, &format!("e{i}")).await;
+        expected.entry(key).or_default().push(id);
+        ids.push(id);
+    }
+    // The 15th event (key k0, in the second batch of 10) fails once, retryably.
+    let unlucky = ids[14];
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let memory = InMemoryPublisher::new();
+    let flag = failed_once.clone();
+    memory.fail_when(move |r| {
+        (r.id == unlucky && !flag.swap(true, Ordering::SeqCst))
+            .then(|| Error::PublishRetryable("broker busy".into()))
+    });
+    let publisher = common::Recording::new(memory.clone());
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .batch_size(10)
+        .backoff(eventful_outbox::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .build()
+        .unwrap();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "every event is marked published",
+        Duration::from_secs(20),
+        || async { common::published_count(&db).await == 200 },
+    )
+    .await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+
+    assert!(
+        failed_once.load(Ordering::SeqCst),
+        "the unlucky event was never sent"
+    );
+    for id in &ids {
+        assert_eq!(
+            acks_of(&publisher, *id),
+            1,
+            "event {id} acknowledged more or less than once"
+        );
+    }
+    let mut firsts: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
+    for m in memory.messages() {
+        firsts.entry(m.key.clone()).or_default().push(m.event_id);
+    }
+    for (key, ids) in &expected {
+        assert_eq!(
+            firsts.get(key),
+            Some(ids),
+            "key {key}: published out of commit order"
+        );
+    }
+}
