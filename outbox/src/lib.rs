@@ -21,7 +21,9 @@
 //! key). Relays lease partitions in `<table>_leases` (owner, epoch, expiry) and heartbeat in
 //! `<table>_relays`. Each relay renews its leases every `ttl/4` and rebalances towards
 //! `ceil(64 / live relays)` partitions, claiming free or expired leases
-//! (`FOR UPDATE SKIP LOCKED`) and releasing surplus ones only *between* batches. A batch
+//! (`FOR UPDATE SKIP LOCKED`) and releasing surplus ones only *between* rounds, when no
+//! publish is in flight (a published batch may still await its mark, which needs no
+//! lease: it records only what the broker acknowledged). A batch
 //! selects rows only from partitions whose lease this relay holds with at least `ttl/4`
 //! left — checked in the same `SELECT`. So all events of one key are published by one relay
 //! at a time, and `SKIP LOCKED` races between relays cannot reorder a key. A crashed relay

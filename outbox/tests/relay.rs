@@ -728,9 +728,45 @@ async fn a_failed_mark_during_a_backlog_never_leaves_an_older_event_last_on_its_
     }
 }
 
+/// Wraps a publisher and counts the batches sent while rows of the batch before were still
+/// unmarked: the relay's rounds overlapped.
+struct Overlaps<P> {
+    inner: P,
+    pool: sqlx::PgPool,
+    previous: std::sync::Mutex<Vec<i64>>,
+    count: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl<P: eventful_outbox::Publisher> eventful_outbox::Publisher for Overlaps<P> {
+    async fn publish_batch(
+        &self,
+        events: &[eventful_outbox::OutboxRecord],
+    ) -> Vec<Result<(), Error>> {
+        let previous = std::mem::replace(
+            &mut *self.previous.lock().unwrap(),
+            events.iter().map(|e| e.seq).collect(),
+        );
+        let unmarked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM eventful_outbox WHERE seq = ANY($1) AND published_at IS NULL",
+        )
+        .bind(&previous)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        if unmarked > 0 {
+            self.count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.inner.publish_batch(events).await
+    }
+}
+
 /// Draining a backlog with overlapping rounds (a batch is marked while the next one is
 /// published): every event goes out exactly once, and an event whose publish fails is not
 /// overtaken by a later event of its key fetched while its failure was being recorded.
+/// Marks are slowed by a trigger (recording a failure most), so that the next batch is
+/// always fetched and published before the marks commit.
 #[tokio::test]
 async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -744,6 +780,24 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
         expected.entry(key).or_default().push(id);
         ids.push(id);
     }
+    sqlx::query(
+        "CREATE FUNCTION slow_marks() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.attempts > OLD.attempts THEN PERFORM pg_sleep(0.3); \
+           ELSE PERFORM pg_sleep(0.002); END IF; \
+           RETURN NEW; \
+         END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER slow_marks BEFORE UPDATE ON eventful_outbox FOR EACH ROW \
+         EXECUTE FUNCTION slow_marks()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     // The 15th event (key k0, in the second batch of 10) fails once, retryably.
     let unlucky = ids[14];
     let failed_once = Arc::new(AtomicBool::new(false));
@@ -753,7 +807,13 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
         (r.id == unlucky && !flag.swap(true, Ordering::SeqCst))
             .then(|| Error::PublishRetryable("broker busy".into()))
     });
-    let publisher = common::Recording::new(memory.clone());
+    let recording = common::Recording::new(memory.clone());
+    let publisher = Arc::new(Overlaps {
+        inner: recording.clone(),
+        pool: db.pool.clone(),
+        previous: Default::default(),
+        count: Default::default(),
+    });
     let cancel = CancellationToken::new();
     let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
         .batch_size(10)
@@ -766,7 +826,7 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
     let handle = relay.spawn(cancel.clone());
     wait_until(
         "every event is marked published",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || async { common::published_count(&db).await == 200 },
     )
     .await;
@@ -777,9 +837,11 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
         failed_once.load(Ordering::SeqCst),
         "the unlucky event was never sent"
     );
+    let overlaps = publisher.count.load(Ordering::Relaxed);
+    assert!(overlaps >= 10, "only {overlaps} batches overlapped a mark");
     for id in &ids {
         assert_eq!(
-            acks_of(&publisher, *id),
+            acks_of(&recording, *id),
             1,
             "event {id} acknowledged more or less than once"
         );
@@ -793,6 +855,91 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
             firsts.get(key),
             Some(ids),
             "key {key}: published out of commit order"
+        );
+    }
+}
+
+/// Sends all but the last event of its first batch and returns one result fewer (a broken
+/// publisher; the relay treats the missing result as a retryable failure).
+struct ShortOnce<P> {
+    inner: P,
+    done: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl<P: eventful_outbox::Publisher> eventful_outbox::Publisher for ShortOnce<P> {
+    async fn publish_batch(
+        &self,
+        events: &[eventful_outbox::OutboxRecord],
+    ) -> Vec<Result<(), Error>> {
+        if events.len() > 1 && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return self.inner.publish_batch(&events[..events.len() - 1]).await;
+        }
+        self.inner.publish_batch(events).await
+    }
+}
+
+/// An event without a result is a failure of its key for the overlapping fetch too: the
+/// batch fetched while its failure is being recorded (slowed by a trigger) must not carry a
+/// later event of that key.
+#[tokio::test]
+async fn an_event_missing_from_the_publishers_results_is_not_overtaken_during_a_backlog() {
+    let (db, outbox) = common::setup().await;
+    let mut expected: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
+    for i in 0..50 {
+        let key = format!("k{}", i % 5);
+        let id = record(&db, &outbox, &key, &format!("e{i}")).await;
+        expected.entry(key).or_default().push(id);
+    }
+    sqlx::query(
+        "CREATE FUNCTION slow_failures() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.attempts > OLD.attempts THEN PERFORM pg_sleep(0.3); END IF; RETURN NEW; END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER slow_failures BEFORE UPDATE ON eventful_outbox FOR EACH ROW \
+         EXECUTE FUNCTION slow_failures()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let memory = InMemoryPublisher::new();
+    let publisher = ShortOnce {
+        inner: memory.clone(),
+        done: Default::default(),
+    };
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher)
+        .batch_size(10)
+        .backoff(eventful_outbox::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+        ))
+        .build()
+        .unwrap();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "every event is marked published",
+        Duration::from_secs(20),
+        || async { common::published_count(&db).await == 50 },
+    )
+    .await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+    let mut firsts: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    for m in memory.messages() {
+        if seen.insert(m.event_id) {
+            firsts.entry(m.key.clone()).or_default().push(m.event_id);
+        }
+    }
+    for (key, ids) in &expected {
+        assert_eq!(
+            firsts.get(key),
+            Some(ids),
+            "key {key}: first occurrences out of commit order"
         );
     }
 }

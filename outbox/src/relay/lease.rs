@@ -2,8 +2,9 @@
 //!
 //! Each relay heartbeats its row in `<table>_relays`, renews every lease it holds, and
 //! rebalances towards a fair share `ceil(64 / live relays)`: it claims free or expired
-//! leases when below, and releases its highest partitions when above (only between batches,
-//! so a released partition has nothing in flight).
+//! leases when below, and releases its highest partitions when above (only between rounds,
+//! so a released partition has no publish in flight; a published batch may still be waiting
+//! for its mark, which needs no lease).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -212,14 +212,12 @@ struct Published {
 }
 
 impl Published {
-    /// The keys whose publish failed in this batch.
+    /// The keys whose publish failed in this batch (an event without a result counts as
+    /// failed, as when it is marked).
     fn failed_keys(&self) -> Vec<String> {
-        let failed = self
-            .records
-            .iter()
-            .zip(&self.results)
-            .filter(|(_, r)| r.is_err());
-        let keys: HashSet<&str> = failed.map(|(record, _)| record.key.as_str()).collect();
+        let failed = (self.records.iter().enumerate())
+            .filter(|(i, _)| !matches!(self.results.get(*i), Some(Ok(()))));
+        let keys: HashSet<&str> = failed.map(|(_, record)| record.key.as_str()).collect();
         keys.into_iter().map(str::to_owned).collect()
     }
 }
@@ -359,42 +357,44 @@ impl Relay {
                 )
             };
             let marked_batch = unmarked.take();
-            let mut failed = false;
+            // A mark or fetch error: wait `error_backoff` before the next round.
+            let mut errored = false;
             // Keys with rows the mark left pending: the next batch's rows of them stay pending.
             let left_pending = match marked {
-                Some(outcome) => match self.settle(outcome, &mut retry_at) {
-                    Some(keys) => keys,
+                Some(outcome) => self.settle(outcome, &mut retry_at).unwrap_or_else(|| {
                     // The mark failed: every row of its batch is pending.
-                    None => marked_batch
+                    errored = true;
+                    marked_batch
                         .iter()
                         .flat_map(|b| b.records.iter().map(|r| r.key.clone()))
-                        .collect(),
-                },
+                        .collect()
+                }),
                 None => HashSet::new(),
             };
-            failed |= !left_pending.is_empty();
             match next {
                 Ok(batch) => unmarked = batch,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay batch failed");
-                    failed = true;
+                    errored = true;
                 }
             }
             let full = unmarked
                 .as_ref()
                 .is_some_and(|b| b.records.len() >= self.config.batch_size);
-            if full && !failed {
+            if full && !errored && left_pending.is_empty() {
                 // A backlog: mark this batch while the next one is fetched and published.
                 continue;
             }
             if let Some(batch) = unmarked.take() {
                 let _guard = batch_lock.lock().await;
                 let outcome = self.mark(&batch, &left_pending).await;
-                failed |= self
-                    .settle(outcome, &mut retry_at)
-                    .is_none_or(|keys| !keys.is_empty());
+                errored |= self.settle(outcome, &mut retry_at).is_none();
             }
-            let wait = if failed {
+            if full && !errored {
+                // Still a backlog; rows left pending go out again from the oldest of each key.
+                continue;
+            }
+            let wait = if errored {
                 self.config.error_backoff
             } else {
                 let until_retry = retry_at
@@ -505,8 +505,11 @@ impl Relay {
         }
     }
 
-    /// Claims or releases partitions every `ttl/4`; releases happen between batches (under
-    /// the batch lock), so a released partition never has a batch in flight.
+    /// Claims or releases partitions every `ttl/4`; releases happen between rounds (under the
+    /// batch lock), so a released partition never has a publish in flight. A published batch
+    /// may still wait for its mark: marking needs no lease (it records only what the broker
+    /// acknowledged), though a failure it records may count an attempt of a row the new
+    /// owner is sending.
     async fn rebalance_loop(&self, batch_lock: &Mutex<()>, wake: &Notify) {
         let interval = self.config.lease_ttl / 4;
         let leases = self.leases();
