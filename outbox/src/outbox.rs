@@ -2,8 +2,9 @@
 //! schema, and answers operational queries (stats, parked events, re-drive, retention).
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use eventful_core::headers::TRACEPARENT;
@@ -29,7 +30,14 @@ pub struct Outbox {
 struct Inner {
     sql: Sql,
     traceparent: Option<TraceparentSource>,
+    notify_every: Duration,
+    /// When this process last sent a `NOTIFY` (µs since `epoch`; 0: never).
+    last_notify: AtomicU64,
+    epoch: Instant,
 }
+
+/// Default of [`OutboxBuilder::notify_at_most_every`].
+pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
 
 impl fmt::Debug for Outbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -48,12 +56,13 @@ impl Default for Outbox {
 }
 
 /// Builder for [`Outbox`]. Defaults: schema `public`, table `eventful_outbox`, no
-/// `traceparent` source.
+/// `traceparent` source, a `NOTIFY` at most every 100 ms.
 #[derive(Clone, Default)]
 pub struct OutboxBuilder {
     schema: Option<String>,
     table: Option<String>,
     traceparent: Option<TraceparentSource>,
+    notify_every: Option<Duration>,
 }
 
 impl fmt::Debug for OutboxBuilder {
@@ -90,6 +99,26 @@ impl OutboxBuilder {
         self
     }
 
+    /// How often this process's writers may wake the relays with a `NOTIFY` (default
+    /// [`DEFAULT_NOTIFY_INTERVAL`], 100 ms; `Duration::ZERO`: every transaction that records
+    /// an event).
+    ///
+    /// Why not every transaction: PostgreSQL serializes the commits of all transactions that
+    /// sent a `NOTIFY`, across the whole cluster, and holds that lock through the commit's WAL
+    /// flush, so they cannot share flushes. Measured with `pgbench`, one-row insert
+    /// transactions: 2,718–2,976 commits/s with a `NOTIFY` against 6,280–6,401 without at 8
+    /// clients, 2,332 against 7,298 at 32. A writer skips the `NOTIFY` within this interval
+    /// of the last one: the relays woken by that one keep looking at the table every
+    /// [`RelayBuilder::busy_poll_interval`](crate::RelayBuilder::busy_poll_interval) for
+    /// [`RelayBuilder::busy_for`](crate::RelayBuilder::busy_for) (default 1 s; keep it
+    /// longer than this interval), and find the event. If the transaction that sent the
+    /// `NOTIFY` rolled back, events skipped after it wait for the next `NOTIFY` or the relay's
+    /// `poll_interval`.
+    pub fn notify_at_most_every(mut self, interval: Duration) -> Self {
+        self.notify_every = Some(interval);
+        self
+    }
+
     /// Validates the names and builds the [`Outbox`].
     pub fn build(self) -> Result<Outbox, Error> {
         let schema = self.schema.unwrap_or_else(|| "public".to_owned());
@@ -106,6 +135,9 @@ impl OutboxBuilder {
             inner: Arc::new(Inner {
                 sql: Sql::new(&schema, &table),
                 traceparent: self.traceparent,
+                notify_every: self.notify_every.unwrap_or(DEFAULT_NOTIFY_INTERVAL),
+                last_notify: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
         })
     }
@@ -193,6 +225,9 @@ impl Outbox {
             inner: Arc::new(Inner {
                 sql: Sql::new("public", "eventful_outbox"),
                 traceparent: None,
+                notify_every: DEFAULT_NOTIFY_INTERVAL,
+                last_notify: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -204,6 +239,25 @@ impl Outbox {
 
     pub(crate) fn sql(&self) -> &Sql {
         &self.inner.sql
+    }
+
+    /// Whether this transaction sends the `NOTIFY`: the first writer after the interval.
+    fn claim_notify(&self) -> bool {
+        let interval = self.inner.notify_every.as_micros();
+        if interval == 0 {
+            return true;
+        }
+        let now = u64::try_from(self.inner.epoch.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.inner.last_notify.load(Ordering::Relaxed);
+        if last != 0 && u128::from(now.saturating_sub(last)) < interval {
+            return false;
+        }
+        self.inner
+            .last_notify
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// `schema.table` of the outbox table.
@@ -291,11 +345,18 @@ impl Outbox {
             .collect::<Vec<_>>();
         locks.sort_unstable();
         locks.dedup();
-        sqlx::query(&sql.lock_keys_and_notify)
-            .bind(&locks)
-            .bind(&sql.channel)
-            .execute(&mut *conn)
-            .await?;
+        if self.claim_notify() {
+            sqlx::query(&sql.lock_keys_and_notify)
+                .bind(&locks)
+                .bind(&sql.channel)
+                .execute(&mut *conn)
+                .await?;
+        } else {
+            sqlx::query(&sql.lock_keys)
+                .bind(&locks)
+                .execute(&mut *conn)
+                .await?;
+        }
 
         let n = events.len();
         let mut ids = Vec::with_capacity(n);

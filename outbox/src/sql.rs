@@ -22,6 +22,7 @@ pub(crate) struct Sql {
     /// Where releases before the shared migrator recorded versions (adopted, then dropped).
     pub(crate) migrations_table: String,
     pub(crate) lock_keys_and_notify: String,
+    pub(crate) lock_keys: String,
     pub(crate) insert: String,
     pub(crate) stats: String,
     pub(crate) status: String,
@@ -83,6 +84,8 @@ impl Sql {
             migrations_table: format!("\"{schema}\".\"{table}_migrations\""),
             lock_keys_and_notify: "SELECT pg_notify($2, '') FROM \
                  (SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k) AS locked"
+                .to_owned(),
+            lock_keys: "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k"
                 .to_owned(),
             // Into the current slot, read once per statement (the column's default,
             // `<table>_current_slot()`, is for other writers: a function call per row). A

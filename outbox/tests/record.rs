@@ -448,3 +448,103 @@ async fn record_rejects_an_over_long_key_and_writes_nothing() {
     tx.commit().await.unwrap();
     assert_eq!(common::row_count(&db).await, 1);
 }
+
+/// Writers send at most one `NOTIFY` per `notify_at_most_every` (PostgreSQL serializes the
+/// commits of notifying transactions); the relay woken by one stays busy and finds the events
+/// recorded in between within milliseconds. After its busy time, the next writer notifies
+/// again. A second session LISTENs and counts the notifications.
+#[tokio::test]
+async fn writers_notify_at_most_once_per_interval_and_events_are_still_picked_up_at_once() {
+    let (db, _) = common::setup().await;
+    let outbox = Outbox::builder()
+        .notify_at_most_every(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen(outbox.channel()).await.unwrap();
+    let notified = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = notified.clone();
+    let counting = tokio::spawn(async move {
+        while listener.recv().await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let publisher = InMemoryPublisher::new();
+    let cancel = CancellationToken::new();
+    let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(60))
+        .busy_for(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let metrics = relay.metrics();
+    let handle = relay.spawn(cancel.clone());
+    wait_until(
+        "the relay holds every partition",
+        Duration::from_secs(10),
+        || async { metrics.snapshot().partitions == 64 },
+    )
+    .await;
+    let record = |i: usize| {
+        let (pool, outbox) = (db.pool.clone(), outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox
+                .record(
+                    &mut *tx,
+                    NewEvent::bytes("t", format!("k{i}"), "E", vec![i as u8]),
+                )
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            Instant::now()
+        }
+    };
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    for i in 0..30 {
+        let committed = record(i).await;
+        wait_until("the event is published", Duration::from_secs(5), || async {
+            publisher.len() == i + 1
+        })
+        .await;
+        worst = worst.max(committed.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        worst < Duration::from_millis(300),
+        "slowest pick-up {worst:?}"
+    );
+    let burst = notified.load(std::sync::atomic::Ordering::SeqCst);
+    let most = (took.as_millis() / 200 + 1) as usize;
+    assert!(
+        (1..=most).contains(&burst),
+        "{burst} notifications for 30 transactions in {took:?} (at most {most})"
+    );
+
+    // Past the relay's busy time: the next writer notifies, and the relay wakes at once.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let committed = record(30).await;
+    wait_until(
+        "the last event is published",
+        Duration::from_secs(5),
+        || async { publisher.len() == 31 },
+    )
+    .await;
+    assert!(
+        committed.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        committed.elapsed()
+    );
+    wait_until(
+        "its notification arrives",
+        Duration::from_secs(5),
+        || async { notified.load(std::sync::atomic::Ordering::SeqCst) == burst + 1 },
+    )
+    .await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+    counting.abort();
+}

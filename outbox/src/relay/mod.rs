@@ -51,6 +51,8 @@ struct Config {
     backoff: Backoff,
     error_backoff: Duration,
     listen: bool,
+    busy_poll: Duration,
+    busy_for: Duration,
     rotation: RotationPolicy,
 }
 
@@ -64,6 +66,8 @@ impl Default for Config {
             backoff: Backoff::default(),
             error_backoff: Duration::from_secs(1),
             listen: true,
+            busy_poll: Duration::from_millis(10),
+            busy_for: Duration::from_secs(1),
             rotation: RotationPolicy::default(),
         }
     }
@@ -121,6 +125,23 @@ impl RelayBuilder {
         self
     }
 
+    /// While busy, how often the relay looks at the table without being notified (default
+    /// 10 ms). Writers send at most one `NOTIFY` per
+    /// [`OutboxBuilder::notify_at_most_every`](crate::OutboxBuilder::notify_at_most_every)
+    /// (100 ms by default): the events they record in between are found by these looks.
+    pub fn busy_poll_interval(mut self, interval: Duration) -> Self {
+        self.config.busy_poll = interval;
+        self
+    }
+
+    /// How long the relay stays busy after a notification or a batch (default 1 s): keep it
+    /// longer than the writers' `notify_at_most_every`. An idle relay costs nothing; a busy
+    /// one runs an empty fetch every `busy_poll_interval`.
+    pub fn busy_for(mut self, duration: Duration) -> Self {
+        self.config.busy_for = duration;
+        self
+    }
+
     /// Rotate the outbox's slots once this many events were recorded since the last rotation
     /// (default 10,000; see [`crate::rotation`]). The table then holds about one to two times
     /// this many published rows (and their dead versions, whatever holds the xmin horizon),
@@ -158,6 +179,9 @@ impl RelayBuilder {
         }
         if c.max_attempts == 0 {
             return Err(Error::Config("max_attempts must be at least 1".into()));
+        }
+        if c.busy_poll.is_zero() {
+            return Err(Error::Config("busy_poll_interval must be > 0".into()));
         }
         if c.poll_interval.is_zero() || c.backoff.base.is_zero() || c.backoff.max < c.backoff.base {
             return Err(Error::Config(
@@ -332,6 +356,8 @@ impl Relay {
         let no_keys = HashSet::new();
         let mut unmarked: Option<Published> = None;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        // Until when the relay looks at the table every `busy_poll` (see `busy_for`).
+        let mut busy_until = tokio::time::Instant::now();
         loop {
             if cancel.is_cancelled() {
                 if let Some(batch) = unmarked.take() {
@@ -372,7 +398,12 @@ impl Relay {
                 None => HashSet::new(),
             };
             match next {
-                Ok(batch) => unmarked = batch,
+                Ok(batch) => {
+                    if batch.is_some() {
+                        busy_until = tokio::time::Instant::now() + self.config.busy_for;
+                    }
+                    unmarked = batch;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "relay batch failed");
                     errored = true;
@@ -394,20 +425,26 @@ impl Relay {
                 // Still a backlog; rows left pending go out again from the oldest of each key.
                 continue;
             }
+            let now = tokio::time::Instant::now();
             let wait = if errored {
                 self.config.error_backoff
             } else {
-                let until_retry = retry_at
-                    .take()
-                    .map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
-                until_retry.map_or(self.config.poll_interval, |d| {
+                let until_retry = retry_at.take().map(|at| at.saturating_duration_since(now));
+                let idle = until_retry.map_or(self.config.poll_interval, |d| {
                     d.min(self.config.poll_interval)
-                })
+                });
+                if now < busy_until {
+                    idle.min(self.config.busy_poll)
+                } else {
+                    idle
+                }
             };
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
-                () = wake.notified() => {}
+                () = wake.notified() => {
+                    busy_until = tokio::time::Instant::now() + self.config.busy_for;
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }
