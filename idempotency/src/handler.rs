@@ -69,6 +69,38 @@ pub trait EventHandler: Send + Sync + 'static {
         payload: Self::Payload,
     ) -> Result<(), HandlerError>;
 
+    /// Whether the runtime should hand this handler runs of events through
+    /// [`handle_batch`](Self::handle_batch) (default `false`: one [`handle`](Self::handle)
+    /// call per event). Return `true` when you override `handle_batch`. A run is traced as
+    /// one `inbox.messages` span, so the events' own trace contexts are not its parents.
+    fn applies_batches(&self) -> bool {
+        false
+    }
+
+    /// Applies several first deliveries of this event type that follow each other in one
+    /// partition, in offset order, on one open transaction (the inbox runtime's batch, see
+    /// `InboxConsumerBuilder::max_batch`); called only when
+    /// [`applies_batches`](Self::applies_batches) says so. The default calls
+    /// [`handle`](Self::handle) for each in turn; override it to apply them with fewer
+    /// statements.
+    ///
+    /// The contract is `handle`'s, per event. On failure return the position (in `events`)
+    /// of the event that failed with its error: the runtime rolls the whole transaction back,
+    /// applies the events before it again as a batch, and retries or dead-letters the failing
+    /// one alone (through `handle`).
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: Vec<(&EventMeta, Self::Payload)>,
+    ) -> Result<(), BatchFailure> {
+        for (index, (event, payload)) in events.into_iter().enumerate() {
+            self.handle(tx, event, payload)
+                .await
+                .map_err(|error| BatchFailure { index, error })?;
+        }
+        Ok(())
+    }
+
     /// Called once when a consumer registering this handler is built, with that consumer's
     /// name (the scope of its processed-event guard): an error refuses the configuration
     /// ([`Error::Config`](crate::Error::Config)) instead of letting the handler misbehave on
@@ -76,6 +108,25 @@ pub trait EventHandler: Send + Sync + 'static {
     fn check_consumer(&self, consumer_name: &str) -> Result<(), BoxError> {
         let _ = consumer_name;
         Ok(())
+    }
+}
+
+/// Which event of a [`EventHandler::handle_batch`] call failed, and how.
+#[derive(Debug, thiserror::Error)]
+#[error("event {index} of the batch failed: {error}")]
+#[non_exhaustive]
+pub struct BatchFailure {
+    /// Position of the failing event in the batch.
+    pub index: usize,
+    /// Its error: decides between retrying and dead-lettering, as from `handle`.
+    #[source]
+    pub error: HandlerError,
+}
+
+impl BatchFailure {
+    /// The event at `index` failed with `error`.
+    pub fn new(index: usize, error: HandlerError) -> Self {
+        BatchFailure { index, error }
     }
 }
 

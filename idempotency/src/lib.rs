@@ -51,7 +51,7 @@ pub use eventful_core::headers;
 /// The retry backoff every builder's `backoff` setter takes (from `eventful-core`).
 pub use eventful_core::Backoff;
 pub use guard::{Processed, ProcessedEvents};
-pub use handler::{BoxError, EventHandler, HandlerError};
+pub use handler::{BatchFailure, BoxError, EventHandler, HandlerError};
 pub use migrate::{migrate, MIGRATOR};
 pub use retention::Retention;
 

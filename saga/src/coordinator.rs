@@ -314,23 +314,14 @@ impl Coordinator {
             return Ok(ReplyOutcome::Ignored(IgnoreReason::UnknownSaga));
         };
         let saga = self.saga(&row.saga_type)?;
-        let input = Input::Reply {
-            step: reply.step,
-            kind: reply.kind,
-            outcome: reply.outcome,
-            expired: row.expired,
-        };
-        match machine::decide(saga.plan(), row.state, input, self.inner.retry_backoff) {
+        match self.decide_reply(saga.as_ref(), &row, reply) {
             Decision::Ignore(reason) => {
                 tracing::debug!(?reason, status = %row.state.status, current = row.state.step, "reply ignored");
                 tx.commit().await?;
                 Ok(ReplyOutcome::Ignored(reason))
             }
             Decision::Apply(change) => {
-                let merged = match (&reply.data, reply.outcome) {
-                    (Some(extra), crate::Outcome::Success) => Some(merge(&row.data, extra)),
-                    _ => None,
-                };
+                let merged = merged_data(&row, reply);
                 let to = change.to;
                 let transition = change.transition;
                 self.apply(
@@ -352,6 +343,114 @@ impl Coordinator {
                 })
             }
         }
+    }
+
+    /// Applies several replies in order on `conn`, as [`handle_reply`](Self::handle_reply)
+    /// would one after the other, with a fixed number of statements: in one savepoint, one
+    /// guard insert for all their event ids, one read of their instances, one versioned
+    /// `UPDATE` with the history rows, one outbox insert of the next commands. Returns one
+    /// outcome per reply.
+    ///
+    /// Replies it cannot apply together — two for the same saga, or an instance that moved
+    /// since it was read ([`Error::Conflict`] on the one-by-one path) — are not applied by
+    /// it: it writes nothing and returns `Ok(None)`, and the caller applies them one by one.
+    #[tracing::instrument(name = "saga.replies", skip_all, fields(replies = replies.len()))]
+    pub async fn handle_replies_together(
+        &self,
+        conn: &mut PgConnection,
+        replies: &[SagaReply],
+    ) -> Result<Option<Vec<ReplyOutcome>>, Error> {
+        let mut sagas: Vec<Uuid> = replies.iter().map(|r| r.saga_id).collect();
+        sagas.sort_unstable();
+        sagas.dedup();
+        if sagas.len() < replies.len() {
+            return Ok(None);
+        }
+        let mut tx = conn.begin().await?;
+        let ids: Vec<Uuid> = replies.iter().map(|r| r.event_id).collect();
+        let first: std::collections::HashSet<Uuid> = self
+            .inner
+            .guard
+            .check_and_record_many(&mut tx, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        let fresh: Vec<Uuid> = replies
+            .iter()
+            .filter(|r| first.contains(&r.event_id))
+            .map(|r| r.saga_id)
+            .collect();
+        let rows: HashMap<Uuid, Loaded> = store::load_many(&mut tx, &fresh)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect();
+        let mut outcomes = Vec::with_capacity(replies.len());
+        let mut moves = Vec::new();
+        let mut commands = Vec::new();
+        let mut applied = Vec::new();
+        for reply in replies {
+            if !first.contains(&reply.event_id) {
+                outcomes.push(ReplyOutcome::Ignored(IgnoreReason::Duplicate));
+                continue;
+            }
+            let Some(row) = rows.get(&reply.saga_id) else {
+                tracing::warn!(saga_id = %reply.saga_id, "reply for an unknown saga ignored");
+                outcomes.push(ReplyOutcome::Ignored(IgnoreReason::UnknownSaga));
+                continue;
+            };
+            let saga = self.saga(&row.saga_type)?;
+            let change = match self.decide_reply(saga.as_ref(), row, reply) {
+                Decision::Ignore(reason) => {
+                    outcomes.push(ReplyOutcome::Ignored(reason));
+                    continue;
+                }
+                Decision::Apply(change) => change,
+            };
+            let merged = merged_data(row, reply);
+            let (command, history) = self.prepare(
+                saga.as_ref(),
+                row,
+                &change,
+                merged.as_ref(),
+                Some(reply.event_id),
+                reply.reason.as_deref(),
+            )?;
+            outcomes.push(ReplyOutcome::Applied {
+                status: change.to.status,
+                step: change.to.step,
+            });
+            applied.push((row.saga_type.as_str(), change.transition));
+            commands.extend(command);
+            moves.push(store::Move {
+                expected_version: row.version,
+                to: change.to,
+                data: merged,
+                deadline: change.deadline,
+                history,
+            });
+        }
+        if !moves.is_empty() && store::transition_many(&mut tx, &moves).await? < moves.len() {
+            // Someone else moved one of them: dropping `tx` rolls the savepoint back.
+            return Ok(None);
+        }
+        self.inner.outbox.record_all(&mut tx, commands).await?;
+        tx.commit().await?;
+        for (saga_type, transition) in applied {
+            crate::metrics::transition(saga_type, transition);
+        }
+        Ok(Some(outcomes))
+    }
+
+    /// The decision for `reply` on the instance as read.
+    fn decide_reply(&self, saga: &dyn ErasedSaga, row: &Loaded, reply: &SagaReply) -> Decision {
+        let input = Input::Reply {
+            step: reply.step,
+            kind: reply.kind,
+            outcome: reply.outcome,
+            expired: row.expired,
+        };
+        machine::decide(saga.plan(), row.state, input, self.inner.retry_backoff)
     }
 
     /// The saga's state and full history.
@@ -454,20 +553,8 @@ impl Coordinator {
         caused_by: Option<Uuid>,
         reason: Option<&str>,
     ) -> Result<(), Error> {
-        let data = merged.as_ref().unwrap_or(&row.data);
-        let command = self.command(saga, row.id, &change, data)?;
-        // The event id is chosen when the event is built: the history row can name it
-        // before the outbox records it.
-        let history = NewHistory {
-            saga_id: row.id,
-            transition: change.transition,
-            step: change.send.map_or(row.state.step, |(s, _)| s),
-            from: Some(row.state.status),
-            to: change.to.status,
-            caused_by,
-            emitted: command.as_ref().map(NewEvent::id),
-            reason,
-        };
+        let (command, history) =
+            self.prepare(saga, row, &change, merged.as_ref(), caused_by, reason)?;
         if !store::transition(
             conn,
             row.version,
@@ -485,6 +572,33 @@ impl Coordinator {
         }
         self.record(conn, command).await?;
         Ok(())
+    }
+
+    /// The command a change sends (if any) and its history row.
+    fn prepare<'a>(
+        &self,
+        saga: &dyn ErasedSaga,
+        row: &Loaded,
+        change: &Change,
+        merged: Option<&serde_json::Value>,
+        caused_by: Option<Uuid>,
+        reason: Option<&'a str>,
+    ) -> Result<(Option<NewEvent>, NewHistory<'a>), Error> {
+        let data = merged.unwrap_or(&row.data);
+        let command = self.command(saga, row.id, change, data)?;
+        // The event id is chosen when the event is built: the history row can name it
+        // before the outbox records it.
+        let history = NewHistory {
+            saga_id: row.id,
+            transition: change.transition,
+            step: change.send.map_or(row.state.step, |(s, _)| s),
+            from: Some(row.state.status),
+            to: change.to.status,
+            caused_by,
+            emitted: command.as_ref().map(NewEvent::id),
+            reason,
+        };
+        Ok((command, history))
     }
 
     async fn record(
@@ -532,6 +646,14 @@ impl Coordinator {
 
     pub(crate) fn inner(&self) -> &Inner {
         &self.inner
+    }
+}
+
+/// The instance's data after a successful reply that carries data (`None`: unchanged).
+fn merged_data(row: &Loaded, reply: &SagaReply) -> Option<serde_json::Value> {
+    match (&reply.data, reply.outcome) {
+        (Some(extra), crate::Outcome::Success) => Some(merge(&row.data, extra)),
+        _ => None,
     }
 }
 

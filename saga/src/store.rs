@@ -173,6 +173,74 @@ pub(crate) async fn load(conn: &mut PgConnection, id: Uuid) -> Result<Option<Loa
     row.map(Loaded::try_from).transpose()
 }
 
+/// Reads several instances without locking them (see [`load`]); missing ids are absent.
+pub(crate) async fn load_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Loaded>, Error> {
+    let rows: Vec<LoadedRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM eventful_saga_instances WHERE id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(Loaded::try_from).collect()
+}
+
+/// One instance's move for [`transition_many`].
+pub(crate) struct Move<'a> {
+    pub(crate) expected_version: i64,
+    pub(crate) to: State,
+    pub(crate) data: Option<serde_json::Value>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) history: NewHistory<'a>,
+}
+
+/// [`transition`] for several instances (distinct ids) in one statement. Returns how many
+/// moved: fewer than `moves` when some version check failed (those wrote nothing).
+pub(crate) async fn transition_many(
+    conn: &mut PgConnection,
+    moves: &[Move<'_>],
+) -> Result<usize, Error> {
+    let done = sqlx::query(
+        "WITH u AS ( \
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::int[], \
+                                  $6::jsonb[], $7::bigint[]) \
+               AS u(id, expected, status, step, attempts, data, deadline_ms)), \
+         moved AS ( \
+             UPDATE eventful_saga_instances i SET \
+                 status = u.status, current_step = u.step, attempts = u.attempts, \
+                 data = COALESCE(u.data, i.data), \
+                 step_deadline = clock_timestamp() + u.deadline_ms * interval '1 millisecond', \
+                 version = i.version + 1, updated_at = clock_timestamp() \
+             FROM u WHERE i.id = u.id AND i.version = u.expected \
+             RETURNING i.id) \
+         INSERT INTO eventful_saga_history \
+             (saga_id, transition, step, from_status, to_status, caused_by, emitted_event_id, reason) \
+         SELECT h.saga_id, h.transition, h.step, h.from_status, h.to_status, h.caused_by, \
+                h.emitted, h.reason \
+         FROM unnest($1::uuid[], $8::text[], $9::int[], $10::text[], $11::text[], $12::uuid[], \
+                     $13::uuid[], $14::text[]) WITH ORDINALITY \
+           AS h(saga_id, transition, step, from_status, to_status, caused_by, emitted, reason, ord) \
+         WHERE h.saga_id IN (SELECT id FROM moved) \
+         ORDER BY h.ord",
+    )
+    .bind(moves.iter().map(|m| m.history.saga_id).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.expected_version).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.to.status.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| to_i32(m.to.step)).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.to.attempts).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.data.clone()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| millis(m.deadline)).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.history.transition.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| to_i32(m.history.step)).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.history.from.map(SagaStatus::as_str)).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.history.to.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.history.caused_by).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.history.emitted).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.history.reason).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+}
+
 /// Applies a transition and appends its history row in one statement, if nobody else
 /// moved the instance since `expected_version` was read; `false` when the version check
 /// failed (nothing written).

@@ -793,3 +793,172 @@ async fn apply_in_one_transaction(
     }
     outcomes
 }
+
+/// `handle_replies_together` applies replies of several sagas with a fixed number of
+/// statements and gives the outcomes one-by-one application would: each applies once, a
+/// processed reply is a duplicate, a stranger is ignored; rolled back with its transaction it
+/// leaves no trace. It refuses (writes nothing, returns `None`) two replies for one saga, and
+/// a batch in which an instance did not move (a lost version race, made here by a trigger
+/// that skips one instance's update): the guard keeps no record of either, so the replies
+/// then apply one by one.
+#[tokio::test]
+async fn replies_applied_together_match_one_by_one_and_refuse_what_they_cannot_apply() {
+    let h = Harness::new(LONG).await;
+    let mut sagas = Vec::new();
+    for _ in 0..4 {
+        sagas.push(h.start(&Order::new()).await);
+    }
+    let mut replies = Vec::new();
+    for &saga in &sagas {
+        let last = commands(&h.db.pool, saga).await.pop().unwrap();
+        replies.push(last.ctx.success());
+    }
+    assert_eq!(
+        h.reply(&replies[3]).await,
+        ReplyOutcome::Applied {
+            status: SagaStatus::Running,
+            step: 1
+        }
+    );
+    let stranger = SagaReply::new(
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        0,
+        StepKind::Action,
+        Outcome::Success,
+    );
+    let batch = vec![
+        replies[0].clone(),
+        replies[1].clone(),
+        stranger,
+        replies[2].clone(),
+        replies[3].clone(),
+    ];
+    let outbox_before = outbox_count(&h.db.pool).await;
+
+    let mut tx = h.db.pool.begin().await.unwrap();
+    let outcomes = h
+        .coordinator
+        .handle_replies_together(&mut tx, &batch)
+        .await
+        .unwrap();
+    assert!(outcomes.is_some());
+    tx.rollback().await.unwrap();
+    for &saga in &sagas[..3] {
+        let inst = h.coordinator.inspect(saga).await.unwrap();
+        assert_eq!((inst.version, inst.history.len()), (0, 1), "{saga}");
+    }
+    assert_eq!(outbox_count(&h.db.pool).await, outbox_before);
+
+    let mut tx = h.db.pool.begin().await.unwrap();
+    let outcomes = h
+        .coordinator
+        .handle_replies_together(&mut tx, &batch)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let step1 = ReplyOutcome::Applied {
+        status: SagaStatus::Running,
+        step: 1,
+    };
+    assert_eq!(
+        outcomes,
+        Some(vec![
+            step1,
+            step1,
+            ReplyOutcome::Ignored(IgnoreReason::UnknownSaga),
+            step1,
+            ReplyOutcome::Ignored(IgnoreReason::Duplicate),
+        ])
+    );
+    for &saga in &sagas {
+        let inst = h.coordinator.inspect(saga).await.unwrap();
+        assert_eq!(
+            (
+                inst.status,
+                inst.current_step,
+                inst.version,
+                inst.history.len()
+            ),
+            (SagaStatus::Running, 1, 1, 2),
+            "{saga}"
+        );
+        assert_eq!(command_log(&h.db.pool, saga).await, expected_log(1, &[]));
+        let last = inst.history.last().unwrap();
+        assert_eq!(last.transition, Transition::StepSucceeded, "{saga}");
+        assert!(
+            last.caused_by.is_some() && last.emitted_event_id.is_some(),
+            "{saga}"
+        );
+    }
+    assert_eq!(outbox_count(&h.db.pool).await, outbox_before + 3);
+
+    // The step-1 replies of sagas 0 and 1, plus a second reply for saga 0: refused.
+    let mut step1_replies = Vec::new();
+    for &saga in &sagas[..2] {
+        step1_replies.push(
+            commands(&h.db.pool, saga)
+                .await
+                .pop()
+                .unwrap()
+                .ctx
+                .success(),
+        );
+    }
+    let twice = vec![
+        step1_replies[0].clone(),
+        step1_replies[1].clone(),
+        step1_replies[0].clone().with_event_id(Uuid::now_v7()),
+    ];
+    let mut tx = h.db.pool.begin().await.unwrap();
+    assert_eq!(
+        h.coordinator
+            .handle_replies_together(&mut tx, &twice)
+            .await
+            .unwrap(),
+        None
+    );
+    tx.commit().await.unwrap();
+
+    // Saga 1's instance does not move: the batch is refused and leaves nothing behind.
+    sqlx::query(&format!(
+        "CREATE FUNCTION stand_still() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF OLD.id = '{}' THEN RETURN NULL; END IF; RETURN NEW; END $$",
+        sagas[1]
+    ))
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER stand_still BEFORE UPDATE ON eventful_saga_instances \
+         FOR EACH ROW EXECUTE FUNCTION stand_still()",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let outbox_before = outbox_count(&h.db.pool).await;
+    let mut tx = h.db.pool.begin().await.unwrap();
+    assert_eq!(
+        h.coordinator
+            .handle_replies_together(&mut tx, &step1_replies)
+            .await
+            .unwrap(),
+        None
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(outbox_count(&h.db.pool).await, outbox_before);
+    sqlx::query("DROP TRIGGER stand_still ON eventful_saga_instances")
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    for (reply, saga) in step1_replies.iter().zip(&sagas) {
+        assert_eq!(
+            h.reply(reply).await,
+            ReplyOutcome::Applied {
+                status: SagaStatus::Running,
+                step: 2
+            },
+            "{saga}: not recorded by the refused batches"
+        );
+    }
+}

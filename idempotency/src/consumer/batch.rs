@@ -5,10 +5,13 @@
 //! waiting for more) and applies it in one transaction: one `BEGIN`, one multi-row guard
 //! `INSERT .. ON CONFLICT DO NOTHING RETURNING`, each first delivery's handler in offset
 //! order, one `COMMIT`. That saves a commit (a WAL flush with `synchronous_commit` on) and
-//! three round trips per event.
+//! three round trips per event. A handler whose `applies_batches` is true is handed each run
+//! of consecutive first deliveries for it in one `handle_batch` call instead of one `handle`
+//! call per event.
 //!
 //! A handler that fails (or panics) aborts the whole transaction. The batch is then rolled
-//! back and split: the events before the failing one are applied again as a batch (their
+//! back and split (a run's failure at the position its handler reports; a run's panic on
+//! the run's first event): the events before the failing one are applied again as a batch (their
 //! handlers run again, in a new transaction; nothing of the first attempt committed), the
 //! failing event goes through the one-event path alone (retried with backoff, or
 //! dead-lettered), and the events after it form the next batch. A failure that belongs to no
@@ -110,11 +113,13 @@ pub(crate) async fn apply(settings: &Settings, items: &[&Prepared]) -> BatchResu
         }
     };
     let mut outcomes = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
-        let (meta, handler) = match item {
+    let mut index = 0;
+    while index < items.len() {
+        let (meta, handler) = match items[index] {
             Prepared::Handle(meta, handler) => (meta, handler),
             _ => {
                 outcomes.push(Outcome::Skipped);
+                index += 1;
                 continue;
             }
         };
@@ -122,48 +127,123 @@ pub(crate) async fn apply(settings: &Settings, items: &[&Prepared]) -> BatchResu
         if !first.remove(&meta.id) {
             tracing::debug!(event_id = %meta.id, offset = meta.offset, "duplicate");
             outcomes.push(Outcome::Duplicate);
+            index += 1;
             continue;
         }
-        // The same fields as on the one-event path; the event's trace context (not the
-        // batch's) is the handler's parent, so each event stays in its own trace.
-        let span = tracing::info_span!(
-            "inbox.message",
-            consumer = settings.guard.consumer(),
-            topic = %meta.topic,
-            partition = meta.partition,
-            offset = meta.offset,
-            event_type = %meta.event_type,
-            event_id = %meta.id,
-        );
-        #[cfg(feature = "opentelemetry")]
-        if let Some(traceparent) = meta.header(eventful_core::headers::TRACEPARENT) {
-            eventful_core::otel::set_parent(&span, traceparent);
-        }
-        // Panics are caught per event, as on the one-event path.
-        let handled = super::metrics::timed(
-            settings.guard.consumer(),
-            &meta.event_type,
-            AssertUnwindSafe(handler.handle(&mut tx, meta)).catch_unwind(),
-        )
-        .instrument(span)
-        .await;
-        if !matches!(handled, Ok(Ok(()))) {
-            match &handled {
-                Ok(Err(failure)) => {
-                    tracing::debug!(offset = meta.offset, ?failure, "failed in a batch")
-                }
-                _ => tracing::debug!(offset = meta.offset, "panicked in a batch"),
+        // A run: this event and the first deliveries right after it for the same handler,
+        // handed over in one `handle_batch` call.
+        let mut run = vec![meta];
+        let mut end = index + 1;
+        while let Some(Prepared::Handle(next, next_handler)) =
+            items.get(end).filter(|_| handler.applies_batches())
+        {
+            if !Arc::ptr_eq(next_handler, handler) || !first.remove(&next.id) {
+                break;
             }
+            run.push(next);
+            end += 1;
+        }
+        let failed = if run.len() == 1 {
+            apply_one(settings, &mut tx, meta, handler).await
+        } else {
+            apply_run(settings, &mut tx, &run, handler).await
+        };
+        if let Some((at, panicked)) = failed {
             let _ = tx.rollback().await;
             return BatchResult::FailedAt {
-                index,
-                panicked: handled.is_err(),
+                index: index + at,
+                panicked,
             };
         }
-        outcomes.push(Outcome::Applied);
+        outcomes.extend(run.iter().map(|_| Outcome::Applied));
+        index = end;
     }
     match tx.commit().await {
         Ok(()) => BatchResult::Committed(outcomes),
         Err(e) => BatchResult::Failed(format!("commit: {e}")),
+    }
+}
+
+/// Runs one event's handler on the batch's transaction; on failure, `(0, panicked)`.
+async fn apply_one(
+    settings: &Settings,
+    tx: &mut sqlx::PgConnection,
+    meta: &EventMeta,
+    handler: &Arc<dyn ErasedHandler>,
+) -> Option<(usize, bool)> {
+    // The same fields as on the one-event path; the event's trace context (not the batch's)
+    // is the handler's parent, so each event stays in its own trace.
+    let span = tracing::info_span!(
+        "inbox.message",
+        consumer = settings.guard.consumer(),
+        topic = %meta.topic,
+        partition = meta.partition,
+        offset = meta.offset,
+        event_type = %meta.event_type,
+        event_id = %meta.id,
+    );
+    #[cfg(feature = "opentelemetry")]
+    if let Some(traceparent) = meta.header(eventful_core::headers::TRACEPARENT) {
+        eventful_core::otel::set_parent(&span, traceparent);
+    }
+    // Panics are caught per event, as on the one-event path.
+    let handled = super::metrics::timed(
+        settings.guard.consumer(),
+        &meta.event_type,
+        AssertUnwindSafe(handler.handle(tx, meta)).catch_unwind(),
+    )
+    .instrument(span)
+    .await;
+    match handled {
+        Ok(Ok(())) => None,
+        Ok(Err(failure)) => {
+            tracing::debug!(offset = meta.offset, ?failure, "failed in a batch");
+            Some((0, false))
+        }
+        Err(_) => {
+            tracing::debug!(offset = meta.offset, "panicked in a batch");
+            Some((0, true))
+        }
+    }
+}
+
+/// Hands a run of events of one handler to its `handle_batch`; on failure, the failing
+/// position in the run and whether it panicked. A panic cannot be pinned on one event: it
+/// is put on the run's first, which then goes alone, and the rest run again as a batch.
+async fn apply_run(
+    settings: &Settings,
+    tx: &mut sqlx::PgConnection,
+    run: &[&EventMeta],
+    handler: &Arc<dyn ErasedHandler>,
+) -> Option<(usize, bool)> {
+    let (first, last) = (run[0], run[run.len() - 1]);
+    let span = tracing::info_span!(
+        "inbox.messages",
+        consumer = settings.guard.consumer(),
+        topic = %first.topic,
+        partition = first.partition,
+        first_offset = first.offset,
+        last_offset = last.offset,
+        event_type = %first.event_type,
+        events = run.len(),
+    );
+    let handled = super::metrics::timed(
+        settings.guard.consumer(),
+        &first.event_type,
+        AssertUnwindSafe(handler.handle_batch(tx, run)).catch_unwind(),
+    )
+    .instrument(span)
+    .await;
+    match handled {
+        Ok(Ok(())) => None,
+        Ok(Err((at, failure))) => {
+            let offset = run.get(at).map(|m| m.offset);
+            tracing::debug!(?offset, ?failure, "failed in a batch");
+            Some((at.min(run.len() - 1), false))
+        }
+        Err(_) => {
+            tracing::debug!(first_offset = first.offset, "a batch handler panicked");
+            Some((0, true))
+        }
     }
 }

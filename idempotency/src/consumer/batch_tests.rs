@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use super::partition::{run_partition, OffsetStore, RawMessage};
 use super::{dead_letter, DeliveryHook, Settings, Typed, UnknownEventType};
-use crate::{Delivery, EventHandler, EventMeta, HandlerError, Outcome, ProcessedEvents};
+use crate::{
+    BatchFailure, Delivery, EventHandler, EventMeta, HandlerError, Outcome, ProcessedEvents,
+};
 
 const TOPIC: &str = "orders";
 
@@ -140,7 +142,12 @@ fn events(ids: &[Uuid], extra: impl Fn(i64) -> serde_json::Value) -> Vec<RawMess
 
 type Log = Arc<Mutex<Vec<Delivery>>>;
 
-fn settings(pool: &PgPool, handler: Record, max_batch: usize, hook: DeliveryHook) -> Settings {
+fn settings(
+    pool: &PgPool,
+    handler: impl EventHandler,
+    max_batch: usize,
+    hook: DeliveryHook,
+) -> Settings {
     let mut handlers: HashMap<String, Arc<dyn super::ErasedHandler>> = HashMap::new();
     handlers.insert("OrderPlaced".into(), Arc::new(Typed(handler)));
     Settings {
@@ -207,6 +214,105 @@ fn outcomes(log: &Log) -> Vec<(i64, Outcome, u32)> {
 
 fn ids(n: usize) -> Vec<Uuid> {
     (0..n).map(|_| Uuid::now_v7()).collect()
+}
+
+/// [`Record`] that takes runs of events through `handle_batch` and logs each run's length.
+#[derive(Clone, Default)]
+struct RunRecord {
+    record: Record,
+    runs: Arc<Mutex<Vec<usize>>>,
+}
+
+#[async_trait]
+impl EventHandler for RunRecord {
+    type Payload = Payload;
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &EventMeta,
+        payload: Payload,
+    ) -> Result<(), HandlerError> {
+        self.record.handle(tx, event, payload).await
+    }
+
+    fn applies_batches(&self) -> bool {
+        true
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: Vec<(&EventMeta, Payload)>,
+    ) -> Result<(), BatchFailure> {
+        self.runs.lock().unwrap().push(events.len());
+        for (index, (event, payload)) in events.into_iter().enumerate() {
+            self.record
+                .handle(tx, event, payload)
+                .await
+                .map_err(|e| BatchFailure::new(index, e))?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_applies_batches_gets_each_run_in_one_call() {
+    let db = database().await;
+    let (handler, log, offsets) = (RunRecord::default(), Log::default(), Arc::default());
+    let messages = events(&ids(10), |_| serde_json::json!({}));
+    run(
+        settings(&db.pool, handler.clone(), 64, logging(&log)),
+        &offsets,
+        messages,
+    )
+    .await;
+
+    assert_eq!(*handler.runs.lock().unwrap(), vec![10]);
+    let effects = effects(&db.pool).await;
+    let order: Vec<i64> = effects.iter().map(|e| e.0).collect();
+    assert_eq!(order, (0..10).collect::<Vec<_>>());
+    assert!(
+        effects.iter().all(|e| e.1 == effects[0].1),
+        "one transaction: {effects:?}"
+    );
+    assert_eq!(offsets.stored(), (1..=10).collect::<Vec<_>>());
+}
+
+/// A run whose handler reports the failing position: that event alone is retried and
+/// dead-lettered (through `handle`), the events before it are applied again as a run, the
+/// ones after it as the next run; each effect commits once, in order.
+#[tokio::test]
+async fn a_failure_reported_inside_a_run_is_pinned_on_its_event() {
+    let db = database().await;
+    let (handler, log, offsets) = (RunRecord::default(), Log::default(), Arc::default());
+    let ids = ids(10);
+    let messages = events(&ids, |i| serde_json::json!({ "poison": i == 5 }));
+    run(
+        settings(&db.pool, handler.clone(), 64, logging(&log)),
+        &offsets,
+        messages,
+    )
+    .await;
+
+    let order: Vec<i64> = effects(&db.pool).await.iter().map(|e| e.0).collect();
+    assert_eq!(order, vec![0, 1, 2, 3, 4, 6, 7, 8, 9]);
+    assert_eq!(
+        *handler.runs.lock().unwrap(),
+        vec![10, 5, 4],
+        "the whole run, then the five before the poison, then the four after it"
+    );
+    assert_eq!(handler.record.calls(5), 2, "in the run, then alone");
+    let dead: Uuid =
+        sqlx::query_scalar("SELECT event_id FROM eventful_dead_letters WHERE consumer = 'batch'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(dead, ids[5]);
+    assert_eq!(offsets.stored(), (1..=10).collect::<Vec<_>>());
+    assert!(outcomes(&log)
+        .iter()
+        .all(|(offset, outcome, _)| (*offset == 5) != (*outcome == Outcome::Applied)));
 }
 
 #[tokio::test]

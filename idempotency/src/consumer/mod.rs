@@ -111,6 +111,16 @@ pub(crate) enum Failure {
 pub(crate) trait ErasedHandler: Send + Sync {
     async fn handle(&self, tx: &mut PgConnection, event: &EventMeta) -> Result<(), Failure>;
 
+    /// See [`EventHandler::applies_batches`].
+    fn applies_batches(&self) -> bool;
+
+    /// Decodes `events` and hands them to `handle_batch`; on failure, the failing position.
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&EventMeta],
+    ) -> Result<(), (usize, Failure)>;
+
     fn check_consumer(&self, consumer_name: &str) -> Result<(), crate::BoxError>;
 }
 
@@ -124,6 +134,26 @@ impl<H: EventHandler> ErasedHandler for Typed<H> {
             .handle(tx, event, payload)
             .await
             .map_err(Failure::Handler)
+    }
+
+    fn applies_batches(&self) -> bool {
+        self.0.applies_batches()
+    }
+
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&EventMeta],
+    ) -> Result<(), (usize, Failure)> {
+        let mut decoded = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            let payload: H::Payload = event.decode().map_err(|e| (index, Failure::Decode(e)))?;
+            decoded.push((*event, payload));
+        }
+        self.0
+            .handle_batch(tx, decoded)
+            .await
+            .map_err(|f| (f.index, Failure::Handler(f.error)))
     }
 
     fn check_consumer(&self, consumer_name: &str) -> Result<(), crate::BoxError> {
