@@ -345,18 +345,6 @@ impl Outbox {
             .collect::<Vec<_>>();
         locks.sort_unstable();
         locks.dedup();
-        if self.claim_notify() {
-            sqlx::query(&sql.lock_keys_and_notify)
-                .bind(&locks)
-                .bind(&sql.channel)
-                .execute(&mut *conn)
-                .await?;
-        } else {
-            sqlx::query(&sql.lock_keys)
-                .bind(&locks)
-                .execute(&mut *conn)
-                .await?;
-        }
 
         let n = events.len();
         let mut ids = Vec::with_capacity(n);
@@ -377,7 +365,13 @@ impl Outbox {
             content_types.push(e.content_type.to_owned());
             headers.push(serde_json::to_string(&e.headers)?);
         }
-        sqlx::query(&sql.insert)
+        let notify = self.claim_notify();
+        let insert = if notify {
+            &sql.insert_and_notify
+        } else {
+            &sql.insert
+        };
+        let mut query = sqlx::query(insert)
             .bind(&ids)
             .bind(&topics)
             .bind(&keys)
@@ -386,8 +380,11 @@ impl Outbox {
             .bind(&payloads)
             .bind(&content_types)
             .bind(&headers)
-            .execute(&mut *conn)
-            .await?;
+            .bind(&locks);
+        if notify {
+            query = query.bind(&sql.channel);
+        }
+        query.execute(&mut *conn).await?;
         Ok(ids)
     }
 
