@@ -85,7 +85,7 @@
 //! [`Outbox::stats`] answers the gauges on demand.
 //!
 //! **Wake-ups.** `record` issues `pg_notify` (delivered at commit), at most once per
-//! `notify_at_most_every` (default 100 ms) per process; relays `LISTEN` and start a batch
+//! `notify_at_most_every` (default 100 ms) per `Outbox` value; relays `LISTEN` and start a batch
 //! within milliseconds. A relay that was notified or published a batch stays busy for
 //! `busy_for` (default 1 s), looking at the table every `busy_poll_interval` (10 ms): that is
 //! how it finds the events recorded without a `NOTIFY`. Idle, it polls every `poll_interval`

@@ -36,6 +36,24 @@ struct Inner {
     epoch: Instant,
 }
 
+/// A writer's claim on the `NOTIFY` of the current interval.
+struct NotifyClaim {
+    previous: u64,
+    claimed: u64,
+}
+
+impl NotifyClaim {
+    /// Undoes the claim, unless a later writer claimed since.
+    fn give_back(self, last_notify: &AtomicU64) {
+        let _ = last_notify.compare_exchange(
+            self.claimed,
+            self.previous,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// Default of [`OutboxBuilder::notify_at_most_every`].
 pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -111,9 +129,15 @@ impl OutboxBuilder {
     /// of the last one: the relays woken by that one keep looking at the table every
     /// [`RelayBuilder::busy_poll_interval`](crate::RelayBuilder::busy_poll_interval) for
     /// [`RelayBuilder::busy_for`](crate::RelayBuilder::busy_for) (default 1 s; keep it
-    /// longer than this interval), and find the event. If the transaction that sent the
-    /// `NOTIFY` rolled back, events skipped after it wait for the next `NOTIFY` or the relay's
-    /// `poll_interval`.
+    /// longer than this interval), and find the event.
+    ///
+    /// The interval is kept per `Outbox` value (its clones share it; separate values, e.g.
+    /// one per database, keep their own). A `NOTIFY` goes out only if its transaction
+    /// commits: when the recording statement fails, the next writer sends one instead; but a
+    /// transaction that rolls back later, or commits long after recording (waiting on a hot
+    /// key's lock), leaves the writers of its interval unannounced, and an idle relay finds
+    /// their events at the next `NOTIFY` or its `poll_interval` (1 s by default) — under load
+    /// the relays are busy anyway. `Duration::ZERO` restores one `NOTIFY` per transaction.
     pub fn notify_at_most_every(mut self, interval: Duration) -> Self {
         self.notify_every = Some(interval);
         self
@@ -241,23 +265,32 @@ impl Outbox {
         &self.inner.sql
     }
 
-    /// Whether this transaction sends the `NOTIFY`: the first writer after the interval.
-    fn claim_notify(&self) -> bool {
+    /// Whether this transaction sends the `NOTIFY` (the first writer after the interval):
+    /// `Some` with what to give back should its statement fail.
+    fn claim_notify(&self) -> Option<NotifyClaim> {
         let interval = self.inner.notify_every.as_micros();
         if interval == 0 {
-            return true;
+            // Every transaction notifies: nothing to claim or give back.
+            return Some(NotifyClaim {
+                previous: 0,
+                claimed: 0,
+            });
         }
         let now = u64::try_from(self.inner.epoch.elapsed().as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
         let last = self.inner.last_notify.load(Ordering::Relaxed);
         if last != 0 && u128::from(now.saturating_sub(last)) < interval {
-            return false;
+            return None;
         }
         self.inner
             .last_notify
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+            .ok()
+            .map(|previous| NotifyClaim {
+                previous,
+                claimed: now,
+            })
     }
 
     /// `schema.table` of the outbox table.
@@ -365,7 +398,8 @@ impl Outbox {
             content_types.push(e.content_type.to_owned());
             headers.push(serde_json::to_string(&e.headers)?);
         }
-        let notify = self.claim_notify();
+        let claim = self.claim_notify();
+        let notify = claim.is_some();
         let insert = if notify {
             &sql.insert_and_notify
         } else {
@@ -384,7 +418,13 @@ impl Outbox {
         if notify {
             query = query.bind(&sql.channel);
         }
-        query.execute(&mut *conn).await?;
+        if let Err(e) = query.execute(&mut *conn).await {
+            if let Some(claim) = claim {
+                // This NOTIFY will not be delivered: let the next writer send one.
+                claim.give_back(&self.inner.last_notify);
+            }
+            return Err(e.into());
+        }
         Ok(ids)
     }
 

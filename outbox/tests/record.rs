@@ -548,3 +548,54 @@ async fn writers_notify_at_most_once_per_interval_and_events_are_still_picked_up
     handle.await.unwrap().unwrap();
     counting.abort();
 }
+
+/// A recording statement that fails sends no `NOTIFY`, so it gives its turn back: the next
+/// writer of the same interval notifies.
+#[tokio::test]
+async fn a_failed_recording_gives_its_notify_turn_to_the_next_writer() {
+    let (db, _) = common::setup().await;
+    let outbox = Outbox::builder()
+        .notify_at_most_every(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    sqlx::query(
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.key = 'bad' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_bad BEFORE INSERT ON eventful_outbox FOR EACH ROW \
+         EXECUTE FUNCTION refuse_bad()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen(outbox.channel()).await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let refused = outbox
+        .record(&mut *tx, NewEvent::bytes("t", "bad", "E", vec![0]))
+        .await;
+    assert!(refused.is_err());
+    tx.rollback().await.unwrap();
+    for key in ["good", "later"] {
+        let mut tx = db.pool.begin().await.unwrap();
+        outbox
+            .record(&mut *tx, NewEvent::bytes("t", key, "E", vec![1]))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    // The first good writer notifies; the second is within the (60 s) interval.
+    tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    let more = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(more.is_err(), "a second notification within the interval");
+}
