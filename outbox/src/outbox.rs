@@ -399,26 +399,30 @@ impl Outbox {
             headers.push(serde_json::to_string(&e.headers)?);
         }
         let claim = self.claim_notify();
-        let notify = claim.is_some();
-        let insert = if notify {
-            &sql.insert_and_notify
-        } else {
-            &sql.insert
-        };
-        let mut query = sqlx::query(insert)
-            .bind(&ids)
-            .bind(&topics)
-            .bind(&keys)
-            .bind(&partitions)
-            .bind(&types)
-            .bind(&payloads)
-            .bind(&content_types)
-            .bind(&headers)
-            .bind(&locks);
-        if notify {
-            query = query.bind(&sql.channel);
+        let locked = match claim {
+            Some(_) => sqlx::query(&sql.lock_keys_and_notify)
+                .bind(&locks)
+                .bind(&sql.channel),
+            None => sqlx::query(&sql.lock_keys).bind(&locks),
         }
-        if let Err(e) = query.execute(&mut *conn).await {
+        .execute(&mut *conn)
+        .await;
+        let inserted = match locked {
+            Ok(_) => sqlx::query(&sql.insert)
+                .bind(&ids)
+                .bind(&topics)
+                .bind(&keys)
+                .bind(&partitions)
+                .bind(&types)
+                .bind(&payloads)
+                .bind(&content_types)
+                .bind(&headers)
+                .execute(&mut *conn)
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = inserted {
             if let Some(claim) = claim {
                 // This NOTIFY will not be delivered: let the next writer send one.
                 claim.give_back(&self.inner.last_notify);

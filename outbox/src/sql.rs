@@ -21,8 +21,9 @@ pub(crate) struct Sql {
     lock_prefix: Vec<u8>,
     /// Where releases before the shared migrator recorded versions (adopted, then dropped).
     pub(crate) migrations_table: String,
+    pub(crate) lock_keys_and_notify: String,
+    pub(crate) lock_keys: String,
     pub(crate) insert: String,
-    pub(crate) insert_and_notify: String,
     pub(crate) stats: String,
     pub(crate) status: String,
     pub(crate) parked: String,
@@ -50,21 +51,6 @@ pub(crate) struct Sql {
     pub(crate) carry_over: [String; 2],
     pub(crate) truncate_slot: [String; 2],
     pub(crate) switch_slot: String,
-}
-
-/// The insert of `record_all`, taking the keys' locks with `lock` first.
-fn insert(t: &str, slot_state: &str, lock: &str) -> String {
-    format!(
-        "WITH locked AS MATERIALIZED ({lock}) \
-         INSERT INTO {t} (id, topic, key, partition, event_type, payload, content_type, headers, slot) \
-         SELECT u.id, u.topic, u.key, u.partition, u.event_type, u.payload, u.content_type, \
-                u.headers::jsonb, s.current \
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], \
-                     $7::text[], $8::text[]) WITH ORDINALITY \
-           AS u(id, topic, key, partition, event_type, payload, content_type, headers, ord) \
-         CROSS JOIN {slot_state} s CROSS JOIN locked \
-         ORDER BY u.ord"
-    )
 }
 
 impl Sql {
@@ -96,20 +82,25 @@ impl Sql {
             channel,
             lock_prefix,
             migrations_table: format!("\"{schema}\".\"{table}_migrations\""),
+            lock_keys_and_notify: "SELECT pg_notify($2, '') FROM \
+                 (SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k) AS locked"
+                .to_owned(),
+            lock_keys: "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k"
+                .to_owned(),
             // Into the current slot, read once per statement (the column's default,
             // `<table>_current_slot()`, is for other writers: a function call per row). A
             // writer whose snapshot predates a rotation may still write to the slot that
             // stopped being current: that is safe, the slot is only emptied once every writer
-            // that holds a lock on it has committed (see `rotate`). The keys' advisory locks
-            // ($9) are taken in the same statement, before any row takes its seq: every row
-            // comes out of the join with `locked`, and its seq (the column default) is drawn
-            // when it is inserted.
-            insert: insert(&t, &slot_state, "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($9::bigint[]) AS k"),
-            insert_and_notify: insert(
-                &t,
-                &slot_state,
-                "SELECT pg_notify($10, '') FROM \
-                 (SELECT count(pg_advisory_xact_lock(k)) FROM unnest($9::bigint[]) AS k) AS l",
+            // that holds a lock on it has committed (see `rotate`).
+            insert: format!(
+                "INSERT INTO {t} (id, topic, key, partition, event_type, payload, content_type, headers, slot) \
+                 SELECT u.id, u.topic, u.key, u.partition, u.event_type, u.payload, u.content_type, \
+                        u.headers::jsonb, s.current \
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], \
+                             $7::text[], $8::text[]) WITH ORDINALITY \
+                   AS u(id, topic, key, partition, event_type, payload, content_type, headers, ord) \
+                 CROSS JOIN {slot_state} s \
+                 ORDER BY u.ord"
             ),
             stats: format!(
                 "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS pending, \
