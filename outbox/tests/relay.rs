@@ -678,21 +678,12 @@ async fn a_failed_mark_during_a_backlog_never_leaves_an_older_event_last_on_its_
     .unwrap();
 
     let publisher = InMemoryPublisher::new();
-    let cancel = CancellationToken::new();
     let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
         .batch_size(10)
         .poll_interval(Duration::from_millis(100))
         .build()
         .unwrap();
-    let handle = relay.spawn(cancel.clone());
-    wait_until(
-        "every event is marked published",
-        Duration::from_secs(20),
-        || async { common::published_count(&db).await == (keys * per_key) as i64 },
-    )
-    .await;
-    cancel.cancel();
-    handle.await.unwrap().unwrap();
+    drain(&db, relay, (keys * per_key) as i64).await;
 
     let failures: i64 = sqlx::query_scalar("SELECT last_value FROM mark_failures")
         .fetch_one(&db.pool)
@@ -705,27 +696,7 @@ async fn a_failed_mark_during_a_backlog_never_leaves_an_older_event_last_on_its_
         "the failed batch was not published again ({} messages)",
         messages.len()
     );
-    let mut firsts: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
-    let mut last: std::collections::HashMap<String, Uuid> = Default::default();
-    let mut seen = std::collections::HashSet::new();
-    for m in &messages {
-        if seen.insert(m.event_id) {
-            firsts.entry(m.key.clone()).or_default().push(m.event_id);
-        }
-        last.insert(m.key.clone(), m.event_id);
-    }
-    for (key, ids) in &expected {
-        assert_eq!(
-            firsts.get(key),
-            Some(ids),
-            "key {key}: first occurrences out of commit order"
-        );
-        assert_eq!(
-            last.get(key),
-            ids.last(),
-            "key {key}: the last message on the topic is not its latest event"
-        );
-    }
+    assert_key_order(&messages, &expected, true);
 }
 
 /// Wraps a publisher and counts the batches sent while rows of the batch before were still
@@ -814,7 +785,6 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
         previous: Default::default(),
         count: Default::default(),
     });
-    let cancel = CancellationToken::new();
     let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher.clone())
         .batch_size(10)
         .backoff(eventful_outbox::Backoff::new(
@@ -823,15 +793,7 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
         ))
         .build()
         .unwrap();
-    let handle = relay.spawn(cancel.clone());
-    wait_until(
-        "every event is marked published",
-        Duration::from_secs(30),
-        || async { common::published_count(&db).await == 200 },
-    )
-    .await;
-    cancel.cancel();
-    handle.await.unwrap().unwrap();
+    drain(&db, relay, 200).await;
 
     assert!(
         failed_once.load(Ordering::SeqCst),
@@ -846,17 +808,7 @@ async fn a_backlog_drains_once_each_and_a_failed_event_is_not_overtaken() {
             "event {id} acknowledged more or less than once"
         );
     }
-    let mut firsts: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
-    for m in memory.messages() {
-        firsts.entry(m.key.clone()).or_default().push(m.event_id);
-    }
-    for (key, ids) in &expected {
-        assert_eq!(
-            firsts.get(key),
-            Some(ids),
-            "key {key}: published out of commit order"
-        );
-    }
+    assert_key_order(&memory.messages(), &expected, false);
 }
 
 /// Sends all but the last event of its first batch and returns one result fewer (a broken
@@ -910,7 +862,6 @@ async fn an_event_missing_from_the_publishers_results_is_not_overtaken_during_a_
         inner: memory.clone(),
         done: Default::default(),
     };
-    let cancel = CancellationToken::new();
     let relay = Relay::builder(db.pool.clone(), outbox.clone(), publisher)
         .batch_size(10)
         .backoff(eventful_outbox::Backoff::new(
@@ -919,27 +870,53 @@ async fn an_event_missing_from_the_publishers_results_is_not_overtaken_during_a_
         ))
         .build()
         .unwrap();
+    drain(&db, relay, 50).await;
+    assert_key_order(&memory.messages(), &expected, false);
+}
+
+/// Runs `relay` until `events` rows are marked published, then stops it.
+async fn drain(db: &TestDatabase, relay: Relay, events: i64) {
+    let cancel = CancellationToken::new();
     let handle = relay.spawn(cancel.clone());
     wait_until(
         "every event is marked published",
-        Duration::from_secs(20),
-        || async { common::published_count(&db).await == 50 },
+        Duration::from_secs(30),
+        || async { common::published_count(db).await == events },
     )
     .await;
     cancel.cancel();
     handle.await.unwrap().unwrap();
-    let mut firsts: std::collections::HashMap<String, Vec<Uuid>> = Default::default();
+}
+
+/// Checks, per key of `expected` (event ids in commit order), that the first occurrences in
+/// `messages` are exactly that list and, with `latest_last`, that the key's last message is
+/// its latest event (what a consumer keeping the last event per key ends with).
+fn assert_key_order(
+    messages: &[eventful_outbox::PublishedMessage],
+    expected: &std::collections::HashMap<String, Vec<Uuid>>,
+    latest_last: bool,
+) {
+    let mut firsts: std::collections::HashMap<&str, Vec<Uuid>> = Default::default();
+    let mut last: std::collections::HashMap<&str, Uuid> = Default::default();
     let mut seen = std::collections::HashSet::new();
-    for m in memory.messages() {
+    for m in messages {
         if seen.insert(m.event_id) {
-            firsts.entry(m.key.clone()).or_default().push(m.event_id);
+            firsts.entry(&m.key).or_default().push(m.event_id);
         }
+        last.insert(&m.key, m.event_id);
     }
-    for (key, ids) in &expected {
+    for (key, ids) in expected {
         assert_eq!(
-            firsts.get(key),
+            firsts.get(key.as_str()),
             Some(ids),
             "key {key}: first occurrences out of commit order"
         );
+        if latest_last {
+            assert_eq!(
+                last.get(key.as_str()),
+                ids.last(),
+                "key {key}: the last message on the topic is not its latest event"
+            );
+        }
     }
 }
