@@ -555,16 +555,14 @@ impl Coordinator {
     ) -> Result<(), Error> {
         let (command, history) =
             self.prepare(saga, row, &change, merged.as_ref(), caused_by, reason)?;
-        if !store::transition(
-            conn,
-            row.version,
-            change.to,
-            merged.as_ref(),
-            change.deadline,
+        let only = store::Move {
+            expected_version: row.version,
+            to: change.to,
+            data: merged,
+            deadline: change.deadline,
             history,
-        )
-        .await?
-        {
+        };
+        if store::transition_many(conn, std::slice::from_ref(&only)).await? != 1 {
             return Err(Error::Conflict {
                 saga_id: row.id,
                 expected: row.version,

@@ -193,8 +193,10 @@ pub(crate) struct Move<'a> {
     pub(crate) history: NewHistory<'a>,
 }
 
-/// [`transition`] for several instances (distinct ids) in one statement. Returns how many
-/// moved: fewer than `moves` when some version check failed (those wrote nothing).
+/// Applies transitions of instances (distinct ids) and appends their history rows in one
+/// statement, each only if nobody else moved its instance since `expected_version` was read.
+/// Returns how many moved: fewer than `moves` when some version check failed (those wrote
+/// nothing).
 pub(crate) async fn transition_many(
     conn: &mut PgConnection,
     moves: &[Move<'_>],
@@ -239,49 +241,6 @@ pub(crate) async fn transition_many(
     .execute(conn)
     .await?;
     Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
-}
-
-/// Applies a transition and appends its history row in one statement, if nobody else
-/// moved the instance since `expected_version` was read; `false` when the version check
-/// failed (nothing written).
-pub(crate) async fn transition(
-    conn: &mut PgConnection,
-    expected_version: i64,
-    to: State,
-    data: Option<&serde_json::Value>,
-    deadline: Option<Duration>,
-    h: NewHistory<'_>,
-) -> Result<bool, Error> {
-    let done = sqlx::query(
-        "WITH moved AS ( \
-             UPDATE eventful_saga_instances SET \
-                 status = $3, current_step = $4, attempts = $5, \
-                 data = COALESCE($6, data), \
-                 step_deadline = clock_timestamp() + $7::bigint * interval '1 millisecond', \
-                 version = version + 1, updated_at = clock_timestamp() \
-             WHERE id = $1 AND version = $2 \
-             RETURNING id) \
-         INSERT INTO eventful_saga_history \
-             (saga_id, transition, step, from_status, to_status, caused_by, emitted_event_id, reason) \
-         SELECT id, $8, $9, $10, $11, $12, $13, $14 FROM moved",
-    )
-    .bind(h.saga_id)
-    .bind(expected_version)
-    .bind(to.status.as_str())
-    .bind(to_i32(to.step))
-    .bind(to.attempts)
-    .bind(data)
-    .bind(millis(deadline))
-    .bind(h.transition.as_str())
-    .bind(to_i32(h.step))
-    .bind(h.from.map(SagaStatus::as_str))
-    .bind(h.to.as_str())
-    .bind(h.caused_by)
-    .bind(h.emitted)
-    .bind(h.reason)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// One history row.
