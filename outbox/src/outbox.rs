@@ -155,15 +155,11 @@ impl OutboxBuilder {
                 "table name {table:?} is too long: at most 52 bytes"
             )));
         }
-        Ok(Outbox {
-            inner: Arc::new(Inner {
-                sql: Sql::new(&schema, &table),
-                traceparent: self.traceparent,
-                notify_every: self.notify_every.unwrap_or(DEFAULT_NOTIFY_INTERVAL),
-                last_notify: AtomicU64::new(0),
-                epoch: Instant::now(),
-            }),
-        })
+        Ok(Outbox::with(
+            Sql::new(&schema, &table),
+            self.traceparent,
+            self.notify_every.unwrap_or(DEFAULT_NOTIFY_INTERVAL),
+        ))
     }
 }
 
@@ -245,11 +241,19 @@ pub enum EventStatus {
 impl Outbox {
     /// The outbox in `public.eventful_outbox`.
     pub fn new() -> Outbox {
+        Outbox::with(
+            Sql::new("public", "eventful_outbox"),
+            None,
+            DEFAULT_NOTIFY_INTERVAL,
+        )
+    }
+
+    fn with(sql: Sql, traceparent: Option<TraceparentSource>, notify_every: Duration) -> Outbox {
         Outbox {
             inner: Arc::new(Inner {
-                sql: Sql::new("public", "eventful_outbox"),
-                traceparent: None,
-                notify_every: DEFAULT_NOTIFY_INTERVAL,
+                sql,
+                traceparent,
+                notify_every,
                 last_notify: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),
